@@ -1,0 +1,128 @@
+"""Train state and pure step functions.
+
+`train_step(state, batch) -> (state, metrics)` and `eval_step(params, buffers, batch) -> metrics`
+never mutate their inputs and never synchronise with the host: metrics come back as device
+tensors that the caller accumulates and reads at log time.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from seg import functional, losses, metrics
+from seg.functional import Buffers, Params
+from seg.optim import Optimizer, Schedule
+
+Batch = tuple[Tensor, Tensor]  # (images float (B,3,H,W), masks int64 (B,H,W))
+
+
+class TrainState(NamedTuple):
+    step: Tensor        # 0-dim int64: a Python int would make torch.compile recompile every step
+    params: Params      # all parameters, frozen ones included
+    buffers: Buffers    # BatchNorm statistics
+    opt_state: Any      # optimizer state over the trainable parameters only
+
+
+def init_state(params: Params, buffers: Buffers, optimizer: Optimizer, trainable: Iterable[str]
+               ) -> TrainState:
+    step = torch.zeros((), dtype=torch.int64, device=next(iter(params.values())).device)
+    opt_state = optimizer.init({k: params[k] for k in trainable})
+    return TrainState(step, params, buffers, opt_state)
+
+
+def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, schedule: Schedule,
+                    *, trainable: Iterable[str], frozen_modules: Iterable[str] = (),
+                    aux_weight: float = 0.0, grad_impl: str = "auto", compile: bool = False
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """Builds the train step.
+
+    grad_impl: "autograd" takes gradients with torch.autograd.grad over the functional call
+    (params as fresh leaf tensors): within a few percent of an imperative loop in eager mode.
+    "func" uses torch.func.grad_and_value, the form torch.compile traces as one graph (dynamo
+    skips a frame that calls torch.autograd.grad). "auto" picks func when compiling, else
+    autograd. Both compute the same numbers (tests/test_train.py).
+    compile: torch.compile with fullgraph=True, so a graph break is an error, not a slowdown.
+    """
+    trainable = tuple(trainable)
+    frozen_modules = tuple(frozen_modules)
+    if grad_impl == "auto":
+        grad_impl = "func" if compile else "autograd"
+    if grad_impl not in ("autograd", "func"):
+        raise ValueError(f"train.grad_impl={grad_impl!r} is not one of ('auto', 'autograd', "
+                         "'func')")
+    if compile and grad_impl == "autograd":
+        raise ValueError("train.grad_impl='autograd' cannot be compiled as one graph; use "
+                         "'func' or 'auto' with train.compile=True")
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        images, masks = batch
+        fixed = {k: v for k, v in state.params.items() if k not in trainable}
+
+        def loss_of(train_params: Params):
+            out, new_buffers = functional.apply(model, {**fixed, **train_params}, state.buffers,
+                                                images)
+            return losses.total_loss(out, masks, loss_fn, aux_weight), new_buffers
+
+        train_params = {k: state.params[k] for k in trainable}
+        if grad_impl == "func":
+            grads, (loss, new_buffers) = torch.func.grad_and_value(loss_of, has_aux=True)(
+                train_params)
+        else:
+            leaves = {k: v.detach().requires_grad_(True) for k, v in train_params.items()}
+            with torch.enable_grad():
+                loss, new_buffers = loss_of(leaves)
+                grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+            loss = loss.detach()
+        new_params, opt_state = optimizer.update(grads, state.opt_state, train_params)
+        params = {k: new_params.get(k, v) for k, v in state.params.items()}
+        out_metrics = {"loss": loss, "lr": schedule(state.step)}
+        return TrainState(state.step + 1, params, new_buffers, opt_state), out_metrics
+
+    core = torch.compile(step, fullgraph=True) if compile else step
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        functional.set_mode(model, train=True, frozen=frozen_modules)
+        return core(state, batch)
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module, loss_fn: Callable, num_classes: int, *,
+                   ignore_index: int = 255, compile: bool = False
+                   ) -> Callable[[Params, Buffers, Batch], dict]:
+    """Eval step: the batch's confusion matrix, and its main-head loss times its image count
+    (summed over a split and divided by the image count, that is the split's mean loss)."""
+
+    @torch.no_grad()
+    def step(params: Params, buffers: Buffers, batch: Batch) -> dict:
+        images, masks = batch
+        out, _ = functional.apply(model, params, buffers, images)
+        logits = out["out"]
+        cm = metrics.confusion_matrix(metrics.predict(logits), masks, num_classes, ignore_index)
+        return {"confusion": cm, "loss_sum": loss_fn(logits, masks).float() * images.shape[0],
+                "images": torch.tensor(images.shape[0], device=images.device)}
+
+    core = torch.compile(step, fullgraph=True) if compile else step
+
+    def eval_step(params: Params, buffers: Buffers, batch: Batch) -> dict:
+        functional.set_mode(model, train=False)
+        return core(params, buffers, batch)
+
+    return eval_step
+
+
+def evaluate(eval_step: Callable, params: Params, buffers: Buffers, batches: Iterable[Batch]
+             ) -> dict:
+    """Runs a whole split; accumulates on device and reads the host once at the end."""
+    total = None
+    for batch in batches:
+        out = eval_step(params, buffers, batch)
+        total = out if total is None else {k: total[k] + v for k, v in out.items()}
+    if total is None:
+        raise ValueError("evaluate() got no batches: the split is empty")
+    result = metrics.scores(total["confusion"].cpu())
+    result["loss"] = (total["loss_sum"] / total["images"]).item()
+    result["confusion_matrix"] = total["confusion"].cpu().tolist()
+    return result
