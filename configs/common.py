@@ -1,0 +1,68 @@
+"""Defaults shared by every experiment config. A config file overrides only what differs.
+
+Field names here are a contract: experiments/*, report tools and users' notebooks read them.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "synthetic"              # the embedded procedurally generated dataset
+    c.data.seed = 0                        # fixed while `seed` varies: a seed sweep sees the same data
+    c.data.root = config_dict.placeholder(str)   # folder of a real dataset (not used by synthetic)
+    c.data.num_classes = 3                 # background + two object classes
+    c.data.image_size = 64
+    c.data.ignore_index = 255
+    c.data.num_train = 2000
+    c.data.num_val = 200
+    c.data.num_test = 200
+    c.data.hflip = True
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = ""
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "cross_entropy"          # cross_entropy | focal | bce | bce_soft_iou | dice
+    c.loss.gamma = 2.0                     # focal loss only
+    c.loss.class_weights = ()              # empty: unweighted
+    c.loss.aux_weight = 0.0                # weight of the auxiliary head's loss, if any
+    c.loss.ignore_index = c.data.get_ref("ignore_index")   # follows data.ignore_index overrides
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"               # sgd | adam | adamw
+    c.optimizer.lr = 0.01
+    c.optimizer.momentum = 0.9
+    c.optimizer.nesterov = False
+    c.optimizer.weight_decay = 1e-4
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "poly"               # constant | step | cosine | poly
+    c.schedule.power = 0.9
+    c.schedule.step_size = 1000            # step schedule only
+    c.schedule.gamma = 0.1                 # step schedule only
+    c.schedule.end_lr = 0.0
+    c.schedule.warmup_steps = 0
+    c.schedule.warmup_start_factor = 0.1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 16
+    c.train.eval_batch_size = 64
+    c.train.log_every = 50
+    c.train.eval_every = 250
+    c.train.checkpoint_every = 250
+    c.train.keep_checkpoints = 3
+    c.train.freeze = ()                    # module paths whose params get no gradient, e.g. ("backbone",)
+    c.train.compile = False                # torch.compile the steps
+    c.train.grad_impl = "auto"             # auto | autograd | func (torch.func.grad_and_value)
+    c.train.device = "auto"                # auto: cuda when available, else cpu
+    return c

@@ -1,0 +1,117 @@
+"""experiments/train.py end to end, on tiny settings: the run directory, resume, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config.train.steps=6", "--config.train.batch_size=4", "--config.train.eval_every=3",
+        "--config.train.log_every=2", "--config.train.checkpoint_every=3",
+        "--config.data.image_size=32", "--config.data.num_train=16", "--config.data.num_val=8",
+        "--config.data.num_test=8", "--config.train.eval_batch_size=8"]
+UNET = ["--config=configs/unet.py", "--config.model.base_channels=4", "--config.model.depth=2"]
+EVAL_KEYS = {"pixel_acc", "mean_acc", "miou", "fwiou", "iou_per_class", "acc_per_class",
+             "recall_macro", "recall_micro", "dice_macro", "loss"}
+
+
+def train(workdir, *extra, check=True):
+    cmd = [sys.executable, "experiments/train.py", f"--workdir={workdir}", *UNET, *TINY, *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run") / "w"
+    proc = train(workdir)
+    return workdir, proc
+
+
+def test_run_directory_contract(finished_run):
+    workdir, proc = finished_run
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["train"]["steps"] == 6 and config["model"]["name"] == "unet"
+    records = read_jsonl(workdir / "metrics.jsonl")
+    assert all("step" in r and r["split"] in ("train", "val", "test") for r in records)
+    train_steps = [r["step"] for r in records if r["split"] == "train"]
+    assert train_steps == [2, 4, 6]
+    for r in records:
+        if r["split"] == "train":
+            assert {"loss", "lr", "images_per_s"} <= set(r) and r["images_per_s"] > 0
+        else:
+            assert EVAL_KEYS <= set(r)
+            assert len(r["iou_per_class"]) == 3
+            cm = r["confusion_matrix"]
+            assert sum(map(sum, cm)) > 0
+            assert r["pixel_acc"] == pytest.approx(sum(cm[i][i] for i in range(3)) / sum(map(sum, cm)))
+    assert [r["step"] for r in records if r["split"] == "val"] == [3, 6]
+    assert [r["step"] for r in records if r["split"] == "test"] == [6]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["model"]["name"] == "unet"
+    assert summary["model"]["params"] > 0 and summary["images_per_s"] > 0
+    assert summary["last_eval"]["test"]["step"] == 6
+    assert summary["best_eval"]["miou"] == max(r["miou"] for r in records if r["split"] == "val")
+    assert {"torch", "torchvision", "device"} <= set(summary["environment"])
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
+        "ckpt_00000003.pt", "ckpt_00000006.pt"]
+    assert "step 6/6" in proc.stdout and "eta" in proc.stdout
+
+
+def test_resume_ends_with_the_same_numbers(finished_run, tmp_path):
+    workdir, _ = finished_run
+    # A run that stopped right after the step-3 checkpoint: the step-6 one and the records after
+    # step 3 are gone, and the log ends in a torn line.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(workdir, crashed)
+    (crashed / "checkpoints" / "ckpt_00000006.pt").unlink()
+    kept = [line for line in (crashed / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["step"] <= 4]
+    (crashed / "metrics.jsonl").write_text("\n".join(kept) + '\n{"step": 5, "spl')
+    proc = train(crashed)
+    assert "resumed from step 3" in proc.stdout
+    full, resumed = read_jsonl(workdir / "metrics.jsonl"), read_jsonl(crashed / "metrics.jsonl")
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rs]
+    assert strip(resumed) == strip(full)  # same records, same numbers, nothing duplicated
+
+
+def test_misspelt_override_is_one_line_error(tmp_path):
+    proc = train(tmp_path / "w", "--config.optimizer.lrr=0.1", check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "lrr" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("override, field", [
+    ("--config.data.num_classes=1", "data.num_classes"),
+    ("--config.model.name=segformer", "model.name"),
+    ("--config.loss.name=bce", "loss.name"),
+    ("--config.optimizer.name=lamb", "optimizer.name"),
+    ("--config.train.freeze=('encoder',)", "train.freeze"),
+])
+def test_bad_config_values_are_one_line_errors(tmp_path, override, field):
+    proc = train(tmp_path / "w", override, check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0], proc.stderr
+
+
+def test_resuming_with_another_config_is_refused(finished_run, tmp_path):
+    workdir, _ = finished_run
+    other = tmp_path / "other"
+    shutil.copytree(workdir, other)
+    before = (other / "metrics.jsonl").read_text()
+    proc = train(other, "--config.optimizer.lr=0.5", check=False)
+    assert proc.returncode != 0 and "optimizer.lr" in proc.stderr
+    assert (other / "metrics.jsonl").read_text() == before  # nothing already written is lost
