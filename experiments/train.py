@@ -217,7 +217,10 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
 
     steps, t = cfg.train.steps, cfg.train
     clock = Clock(device, run.train_time, run.wall_time)
+    # The train loss logged is the mean since the last log line; a resume mid-window continues it.
     loss_sum, window = torch.zeros((), device=device), 0
+    if saved is not None:
+        loss_sum, window = saved["window"]["loss_sum"], saved["window"]["steps"]
     for step in range(start + 1, steps + 1):
         state, m = train_step(state, next(batches))
         loss_sum += m["loss"]
@@ -244,7 +247,8 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
                 checkpoint.save(workdir / "checkpoints", step, {
                     "step": step, "state": state._asdict(), "rng": rng_state(),
                     "train_time": run.train_time, "wall_time": run.wall_time,
-                    "best": run.best, "last": run.last}, keep=t.keep_checkpoints)
+                    "best": run.best, "last": run.last,
+                    "window": {"loss_sum": loss_sum, "steps": window}}, keep=t.keep_checkpoints)
                 writers.write_json(workdir / "summary.json", run.summary(step))
 
     result = run.record_eval(steps, "test", evaluate(eval_step, state, splits["test"], cfg,
