@@ -3,11 +3,14 @@
   python experiments/benchmark.py                         # UNet and PSPNet, CPU-sized defaults
   python experiments/benchmark.py --models=pspnet --batch_size=16 --image_size=512 --out=b.json
 
-For each model it times, interleaved round by round so that machine drift hits both alike:
-  functional: seg.train.make_train_step (functional_call + grad + pure optimizer), eager;
+For each model it times, interleaved round by round (the order alternating, ABBA) so that machine
+drift hits both alike:
+  functional: seg.train.make_train_step (functional_call + grad + pure optimizer), eager,
+              with the state donated as experiments/train.py does;
   imperative: the same nn.Module with loss.backward() and torch.optim.
 Both start from the same weights, use the same loss and optimizer settings, and see the same
-batches. Prints a markdown table (median step time, spread, images/s, ratio) and writes JSON.
+batches. The ratio is the median over rounds of the paired per-round ratio, which cancels drift
+that a ratio of two medians would keep. Prints a markdown table and writes JSON.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import pspnet as pspnet_config, unet as unet_config  # noqa: E402
+from seg import runtime  # noqa: E402
 from seg import functional, losses, models, optim, writers  # noqa: E402
 from seg import train as seg_train  # noqa: E402
 
@@ -30,10 +34,11 @@ CONFIGS = {"unet": unet_config, "pspnet": pspnet_config}
 _MODELS = flags.DEFINE_list("models", ["unet", "pspnet"], "Models to time (config names).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Batch size.")
 _SIZE = flags.DEFINE_integer("image_size", 64, "Square input size.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per round and mode.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per round and mode.")
+_ROUNDS = flags.DEFINE_integer("rounds", 10, "Interleaved rounds.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps per mode before timing.")
 _OUT = flags.DEFINE_string("out", None, "JSON output path (optional).")
+_KEEP = flags.DEFINE_bool("keep_freed_memory", True, "seg.runtime.keep_freed_memory (glibc).")
 
 
 def sync(device: torch.device) -> None:
@@ -47,7 +52,7 @@ def functional_runner(cfg, device, batch):
     optimizer, schedule = optim.build(cfg.optimizer, cfg.schedule, 10**6)
     loss_fn = losses.build(cfg.loss, cfg.data.num_classes)
     step = seg_train.make_train_step(model, loss_fn, optimizer, schedule, trainable=list(params),
-                                     aux_weight=cfg.loss.aux_weight)
+                                     aux_weight=cfg.loss.aux_weight, donate=True)
     state = seg_train.init_state(params, buffers, optimizer, list(params))
 
     def run(n):
@@ -95,8 +100,10 @@ def time_model(name: str, device: torch.device) -> dict:
     for run in runners.values():
         run(_WARMUP.value)
     times = {mode: [] for mode in runners}
-    for _ in range(_ROUNDS.value):
-        for mode, run in runners.items():
+    for r in range(_ROUNDS.value):
+        order = list(runners) if r % 2 == 0 else list(runners)[::-1]
+        for mode in order:
+            run = runners[mode]
             sync(device)
             t0 = time.perf_counter()
             run(_STEPS.value).item()
@@ -107,28 +114,29 @@ def time_model(name: str, device: torch.device) -> dict:
         med = statistics.median(ts)
         result[mode] = {"step_s_median": med, "step_s_min": min(ts), "step_s_max": max(ts),
                         "images_per_s": b / med, "step_s_all": ts}
-    result["ratio_functional_over_imperative"] = (result["functional"]["step_s_median"]
-                                                  / result["imperative"]["step_s_median"])
+    result["ratio_functional_over_imperative"] = statistics.median(
+        f / i for f, i in zip(times["functional"], times["imperative"]))
     return result
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| model | batch x size | mode | step (median) | min-max | images/s | ratio vs imperative |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| model | batch x size | mode | step (median) | min-max | images/s | "
+            "functional / imperative (paired median) |", "|---|---|---|---|---|---|---|"]
     for r in results:
         for mode in ("imperative", "functional"):
             m = r[mode]
-            ratio = m["step_s_median"] / r["imperative"]["step_s_median"]
+            ratio = f"{r['ratio_functional_over_imperative']:.3f}" if mode == "functional" else ""
             rows.append(f"| {r['model']} | {r['batch_size']} x {r['image_size']}^2 | {mode} | "
                         f"{m['step_s_median'] * 1e3:.1f} ms | {m['step_s_min'] * 1e3:.1f}-"
-                        f"{m['step_s_max'] * 1e3:.1f} ms | {m['images_per_s']:.1f} | "
-                        f"{ratio:.3f} |")
+                        f"{m['step_s_max'] * 1e3:.1f} ms | {m['images_per_s']:.1f} | {ratio} |")
     return "\n".join(rows)
 
 
 def main(argv):
     del argv
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if _KEEP.value:
+        runtime.keep_freed_memory()  # CPU steps re-allocate big tensors; see seg/runtime.py
     unknown = set(_MODELS.value) - set(CONFIGS)
     if unknown:
         sys.exit(f"error: --models has {sorted(unknown)}, not one of {sorted(CONFIGS)}")
@@ -136,7 +144,8 @@ def main(argv):
     print(table(results))
     if _OUT.value:
         writers.write_json(_OUT.value, {"results": results, "threads": torch.get_num_threads(),
-                                        "torch": torch.__version__})
+                                        "torch": torch.__version__,
+                                        "keep_freed_memory": _KEEP.value})
 
 
 if __name__ == "__main__":

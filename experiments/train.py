@@ -22,6 +22,7 @@ import torchvision  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from seg import runtime  # noqa: E402
 from seg import checkpoint, data, functional, losses, models, optim, writers  # noqa: E402
 from seg import train as seg_train  # noqa: E402
 from seg.data import pipeline  # noqa: E402
@@ -174,6 +175,7 @@ def evaluate(eval_step, state, split_data, cfg, device) -> dict:
 def main(argv):
     del argv
     cfg, workdir = _CONFIG.value, Path(_WORKDIR.value)
+    runtime.keep_freed_memory()  # CPU steps re-allocate big tensors; see seg/runtime.py
     try:
         validate(cfg)
         device = select_device(cfg.train.device)
@@ -208,7 +210,7 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
     train_step = seg_train.make_train_step(
         model, loss_fn, optimizer, schedule, trainable=trainable, frozen_modules=cfg.train.freeze,
         aux_weight=cfg.loss.aux_weight, grad_impl=cfg.train.grad_impl,
-        compile=cfg.train.compile)
+        compile=cfg.train.compile, donate=True)  # the loop never reads an old state again
     eval_step = seg_train.make_eval_step(model, loss_fn, cfg.data.num_classes,
                                          ignore_index=cfg.data.ignore_index,
                                          compile=cfg.train.compile)

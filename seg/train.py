@@ -34,7 +34,8 @@ def init_state(params: Params, buffers: Buffers, optimizer: Optimizer, trainable
 
 def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, schedule: Schedule,
                     *, trainable: Iterable[str], frozen_modules: Iterable[str] = (),
-                    aux_weight: float = 0.0, grad_impl: str = "auto", compile: bool = False
+                    aux_weight: float = 0.0, grad_impl: str = "auto", compile: bool = False,
+                    donate: bool = False
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds the train step.
 
@@ -44,8 +45,10 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
     skips a frame that calls torch.autograd.grad). "auto" picks func when compiling, else
     autograd. Both compute the same numbers (tests/test_train.py).
     compile: torch.compile with fullgraph=True, so a graph break is an error, not a slowdown.
+    donate: the step may reuse the input state's storage for the output state (see
+    `Optimizer`); for loops that never look at an old state again. Same numbers.
     """
-    trainable = tuple(trainable)
+    trainable, trainable_set = tuple(trainable), frozenset(trainable)
     frozen_modules = tuple(frozen_modules)
     if grad_impl == "auto":
         grad_impl = "func" if compile else "autograd"
@@ -58,7 +61,7 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         images, masks = batch
-        fixed = {k: v for k, v in state.params.items() if k not in trainable}
+        fixed = {k: v for k, v in state.params.items() if k not in trainable_set}
 
         def loss_of(train_params: Params):
             out, new_buffers = functional.apply(model, {**fixed, **train_params}, state.buffers,
@@ -75,7 +78,8 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
                 loss, new_buffers = loss_of(leaves)
                 grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
             loss = loss.detach()
-        new_params, opt_state = optimizer.update(grads, state.opt_state, train_params)
+        new_params, opt_state = optimizer.update(grads, state.opt_state, train_params,
+                                                 donate=donate)
         params = {k: new_params.get(k, v) for k, v in state.params.items()}
         out_metrics = {"loss": loss, "lr": schedule(state.step)}
         return TrainState(state.step + 1, params, new_buffers, opt_state), out_metrics

@@ -33,13 +33,14 @@ def batches(n, b=2, size=(40, 48), k=3, seed=0):
 
 
 def functional_run(model_cfg, make_opt, steps, *, aux_weight, grad_impl="autograd", freeze=(),
-                   compile=False, seed=0):
+                   compile=False, donate=False, seed=0):
     model, params, buffers = functional.init(lambda: models.build(model_cfg, 3), seed=seed)
     optimizer, schedule = make_opt()
     trainable, _ = functional.split_trainable(params, freeze)
     step = seg_train.make_train_step(model, losses.cross_entropy, optimizer, schedule,
                                      trainable=trainable, frozen_modules=freeze,
-                                     aux_weight=aux_weight, grad_impl=grad_impl, compile=compile)
+                                     aux_weight=aux_weight, grad_impl=grad_impl, compile=compile,
+                                     donate=donate)
     state = seg_train.init_state(params, buffers, optimizer, trainable)
     torch.manual_seed(123)  # dropout
     loss_history = []
@@ -111,6 +112,21 @@ def test_grad_impls_agree():
     torch.testing.assert_close(la, lb, rtol=0, atol=0)
     for k in a.params:
         torch.testing.assert_close(a.params[k], b.params[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda: (optim.sgd(optim.constant(0.05), momentum=0.9, nesterov=True, weight_decay=1e-4),
+             optim.constant(0.05)),
+    lambda: (optim.adamw(optim.constant(1e-3)), optim.constant(1e-3))], ids=["sgd", "adamw"])
+def test_donated_state_gives_the_same_numbers(make_opt):
+    a, la = functional_run(unet_cfg(), make_opt, 3, aux_weight=0.0)
+    b, lb = functional_run(unet_cfg(), make_opt, 3, aux_weight=0.0, donate=True)
+    assert torch.equal(la, lb)
+    for k in a.params:
+        assert torch.equal(a.params[k], b.params[k]), k
+    for x, y in zip(torch.utils._pytree.tree_leaves(a.opt_state),
+                    torch.utils._pytree.tree_leaves(b.opt_state)):
+        assert torch.equal(x, y)
 
 
 def test_step_is_pure_and_counts_with_tensors():
