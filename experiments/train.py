@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import platform
 import sys
 import time
@@ -135,7 +136,7 @@ def set_rng_state(state: dict) -> None:
 
 
 class Run:
-    """The loop's bookkeeping: clocks, device-side metric sums, the files of the run directory."""
+    """The run directory's bookkeeping: metrics log, last and best eval, times, summary."""
 
     def __init__(self, workdir: Path, cfg, device, model_info: dict, class_names):
         self.workdir, self.cfg, self.device = workdir, cfg, device
@@ -158,13 +159,14 @@ class Run:
         record = {"step": step, "split": split, **result}
         self.log.write(record)
         self.last[split] = record
-        if split == "val" and (self.best is None or _better(result["miou"], self.best["miou"])):
+        if split == "val" and (self.best is None or _rank(result) > _rank(self.best)):
             self.best = record
         return record
 
 
-def _better(new, old) -> bool:
-    return old is None or old != old or (new is not None and new == new and new > old)
+def _rank(record: dict) -> float:
+    miou = record["miou"]
+    return miou if miou is not None and miou == miou else -math.inf  # NaN/None never wins
 
 
 def evaluate(eval_step, state, split_data, cfg, device) -> dict:
@@ -190,7 +192,7 @@ def main(argv):
 
 
 def train(cfg, workdir, device, splits, model, params, buffers, optimizer, schedule, loss_fn):
-    trainable, frozen = functional.split_trainable(params, cfg.train.freeze)
+    trainable, _ = functional.split_trainable(params, cfg.train.freeze)
     torch.manual_seed(cfg.seed)  # the global RNG drives dropout
     state = seg_train.init_state(params, buffers, optimizer, trainable)
     model_info = {"name": cfg.model.name, "params": functional.count(params),
@@ -241,6 +243,8 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
             with clock.paused():
                 result = run.record_eval(step, "val", evaluate(eval_step, state, splits["val"],
                                                               cfg, device))
+                run.train_time, run.wall_time = clock.train_time(), clock.wall_time()
+                writers.write_json(workdir / "summary.json", run.summary(step))
             print(f"step {step}  val miou {result['miou']:.4f}  pixel_acc "
                   f"{result['pixel_acc']:.4f}  loss {result['loss']:.4f}", flush=True)
         if step % t.checkpoint_every == 0 or step == steps:
