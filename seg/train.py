@@ -34,8 +34,8 @@ def init_state(params: Params, buffers: Buffers, optimizer: Optimizer, trainable
 
 def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, schedule: Schedule,
                     *, trainable: Iterable[str], frozen_modules: Iterable[str] = (),
-                    aux_weight: float = 0.0, grad_impl: str = "auto", compile: bool = False,
-                    donate: bool = False
+                    aux_weight: float = 0.0, grad_impl: str = "auto",
+                    compile: bool | str = False, donate: bool = False
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds the train step.
 
@@ -44,7 +44,8 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
     "func" uses torch.func.grad_and_value, the form torch.compile traces as one graph (dynamo
     skips a frame that calls torch.autograd.grad). "auto" picks func when compiling, else
     autograd. Both compute the same numbers (tests/test_train.py).
-    compile: torch.compile with fullgraph=True, so a graph break is an error, not a slowdown.
+    compile: torch.compile with fullgraph=True, so a graph break is an error, not a slowdown;
+    a string names the backend (default inductor; tests use "aot_eager" to check graph capture).
     donate: the step may reuse the input state's storage for the output state (see
     `Optimizer`); for loops that never look at an old state again. Same numbers.
     """
@@ -84,7 +85,7 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
         out_metrics = {"loss": loss, "lr": schedule(state.step)}
         return TrainState(state.step + 1, params, new_buffers, opt_state), out_metrics
 
-    core = torch.compile(step, fullgraph=True) if compile else step
+    core = _compiled(step, compile)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         functional.set_mode(model, train=True, frozen=frozen_modules)
@@ -94,7 +95,7 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
 
 
 def make_eval_step(model: nn.Module, loss_fn: Callable, num_classes: int, *,
-                   ignore_index: int = 255, compile: bool = False
+                   ignore_index: int = 255, compile: bool | str = False
                    ) -> Callable[[Params, Buffers, Batch], dict]:
     """Eval step: the batch's confusion matrix, and its main-head loss times its image count
     (summed over a split and divided by the image count, that is the split's mean loss)."""
@@ -108,13 +109,20 @@ def make_eval_step(model: nn.Module, loss_fn: Callable, num_classes: int, *,
         return {"confusion": cm, "loss_sum": loss_fn(logits, masks).float() * images.shape[0],
                 "images": torch.tensor(images.shape[0], device=images.device)}
 
-    core = torch.compile(step, fullgraph=True) if compile else step
+    core = _compiled(step, compile)
 
     def eval_step(params: Params, buffers: Buffers, batch: Batch) -> dict:
         functional.set_mode(model, train=False)
         return core(params, buffers, batch)
 
     return eval_step
+
+
+def _compiled(fn: Callable, compile: bool | str) -> Callable:
+    if not compile:
+        return fn
+    return torch.compile(fn, fullgraph=True,
+                         backend=compile if isinstance(compile, str) else "inductor")
 
 
 def evaluate(eval_step: Callable, params: Params, buffers: Buffers, batches: Iterable[Batch]
