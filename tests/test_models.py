@@ -24,13 +24,15 @@ def _convs(net: nn.Module) -> dict[str, tuple]:
 
 # --- backbone ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("output_stride, replace", [(8, [False, True, True]), (16, [False, False, True])])
-def test_resnet50_dilation_matches_torchvision(output_stride, replace):
+@pytest.mark.parametrize("name, output_stride, replace", [
+    ("resnet50", 8, [False, True, True]), ("resnet50", 16, [False, False, True]),
+    ("resnext50_32x4d", 8, [False, True, True])])
+def test_bottleneck_dilation_matches_torchvision(name, output_stride, replace):
     torch.manual_seed(0)
     layers = {"layer3": "layer3", "layer4": "layer4"}
     ref = IntermediateLayerGetter(
-        torchvision.models.resnet50(replace_stride_with_dilation=replace), layers).eval()
-    ours = resnet("resnet50", output_stride).eval()
+        getattr(torchvision.models, name)(replace_stride_with_dilation=replace), layers).eval()
+    ours = resnet(name, output_stride).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     assert _convs(ours) == _convs(ref)
     x = torch.randn(1, 3, 32, 32)
@@ -79,6 +81,20 @@ def test_pspnet_resnet50_backbone_loads_torchvision_state_dict_strictly():
     torch.testing.assert_close(sd["backbone.layer1.0.conv1.weight"], tv["layer1.0.conv1.weight"])
     assert model.classifier[1].out_channels == 512  # 2048 // 4
     assert model.aux_classifier[0].out_channels == 256  # 1024 // 4
+
+
+@pytest.mark.parametrize("name", ["resnext50_32x4d", "resnext101_32x8d"])
+def test_resnext_loads_torchvision_state_dict_strictly(name):
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, name)().state_dict()
+    ours = resnet(name, output_stride=8, return_layers=("layer1", "layer4"))
+    ours.load_state_dict({k: v for k, v in tv.items() if not k.startswith("fc.")}, strict=True)
+    conv = ours.layer1[0].conv2  # 32 groups of 4 (50_32x4d) or 8 (101_32x8d) channels
+    assert (conv.groups, conv.in_channels // conv.groups) == (32, int(name[-2]))
+    x = torch.randn(1, 3, 32, 32)
+    out = ours.eval()(x)
+    assert out["layer4"].shape == (1, CHANNELS[name][1], 4, 4)
+    assert out["layer1"].shape == (1, 256, 8, 8)
 
 
 @pytest.mark.parametrize("kwargs", [dict(name="resnet9"), dict(output_stride=4),

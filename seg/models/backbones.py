@@ -1,4 +1,5 @@
-"""Dilated torchvision ResNets as feature extractors, and the init used for layers built on them."""
+"""Dilated torchvision ResNets and ResNeXts as feature extractors, and the init used for layers
+built on them."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -13,6 +14,10 @@ CHANNELS: dict[str, tuple[int, int]] = {
     "resnet34": (256, 512),
     "resnet50": (1024, 2048),
     "resnet101": (1024, 2048),
+    # ResNeXt (Xie et al. 2017) is torchvision's ResNet with grouped 3x3 convs: same stages, names
+    # and channels, so the dilation rewrite and every head built on CHANNELS apply unchanged.
+    "resnext50_32x4d": (1024, 2048),
+    "resnext101_32x8d": (1024, 2048),
 }
 
 # How many of the last stages trade their stride 2 for dilation.
@@ -25,13 +30,13 @@ def resnet(
     output_stride: int = 8,
     return_layers: Sequence[str] = ("layer3", "layer4"),
 ) -> nn.Module:
-    """A randomly initialised ResNet whose forward returns {layer_name: feature map}.
+    """A randomly initialised ResNet / ResNeXt whose forward returns {layer_name: feature map}.
 
     Parameter names are torchvision's (`layer1.0.conv1.weight`, ...) so its state_dicts load
     strictly; layers after the last returned one (avgpool, fc) are dropped.
     """
     if name not in CHANNELS:
-        raise ValueError(f"name={name!r} is not one of {sorted(CHANNELS)}")
+        raise ValueError(f"backbone name={name!r} is not one of {sorted(CHANNELS)}")
     if output_stride not in _DILATED_STAGES:
         raise ValueError(f"output_stride={output_stride!r} is not one of {sorted(_DILATED_STAGES)}")
     if not return_layers or any(layer not in _LAYERS for layer in return_layers):
