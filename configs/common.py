@@ -26,6 +26,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = ""
+    # "" = random init; a torchvision weight name (IMAGENET1K_V1: read from the torch hub cache,
+    # never downloaded) or a file path, loaded into the model's `backbone`.
+    c.model.backbone_weights = ""
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "cross_entropy"          # cross_entropy | focal | bce | bce_soft_iou | dice

@@ -27,6 +27,7 @@ from seg import runtime  # noqa: E402
 from seg import checkpoint, data, functional, losses, models, optim, writers  # noqa: E402
 from seg import train as seg_train  # noqa: E402
 from seg.data import pipeline  # noqa: E402
+from seg.models import weights  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
@@ -82,6 +83,8 @@ def build(cfg, device: torch.device):
     num_outputs = 1 if cfg.loss.name in losses.BINARY_LOSSES else cfg.data.num_classes
     model, params, buffers = functional.init(lambda: models.build(cfg.model, num_outputs),
                                              seed=cfg.seed, device=device)
+    if cfg.model.backbone_weights:
+        params, buffers = load_weights(cfg, params, buffers)
     for prefix in cfg.train.freeze:
         try:
             model.get_submodule(prefix)
@@ -91,6 +94,19 @@ def build(cfg, device: torch.device):
     optimizer, schedule = optim.build(cfg.optimizer, cfg.schedule, cfg.train.steps)
     loss_fn = losses.build(cfg.loss, cfg.data.num_classes)
     return splits, model, params, buffers, optimizer, schedule, loss_fn
+
+
+def load_weights(cfg, params, buffers):
+    """model.backbone_weights -> params/buffers with the encoder ("backbone.") replaced."""
+    arch = cfg.model.get("backbone")
+    if arch is None:
+        raise ConfigError(f"model.backbone_weights={cfg.model.backbone_weights!r} but "
+                          f"model.name={cfg.model.name!r} has no pretrained backbone")
+    try:
+        return weights.apply_backbone(params, buffers,
+                                      weights.load_backbone(cfg.model.backbone_weights, arch))
+    except (OSError, ValueError) as e:  # a missing file is an OSError
+        raise ConfigError(str(e)) from None
 
 
 def check_same_config(workdir: Path, cfg) -> None:
