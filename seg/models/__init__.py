@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from seg.models.deeplabv3 import DeepLabV3
+from seg.models.fcn import FCNResNet, FCNVGG
 from seg.models.pspnet import PSPNet
+from seg.models.twostream import TwoStreamPSPNet
 from seg.models.unet import UNet
 
-_NAMES = ("unet", "pspnet")
+_NAMES = ("unet", "pspnet", "deeplabv3", "fcn", "fcn_resnet", "twostream")
 
 
 def build(model_cfg, num_outputs: int) -> nn.Module:
@@ -30,6 +33,37 @@ def build(model_cfg, num_outputs: int) -> nn.Module:
             dropout=model_cfg.get("dropout", 0.1),
             aux=model_cfg.get("aux", True),
         )
+    if name == "deeplabv3":
+        return DeepLabV3(
+            num_outputs,
+            backbone=model_cfg.get("backbone", "resnet50"),
+            output_stride=model_cfg.get("output_stride", 8),
+            aux=model_cfg.get("aux", True),
+            rates=tuple(model_cfg.get("rates", ())) or None,  # empty: the paper's rates
+        )
+    if name == "fcn":
+        return FCNVGG(
+            num_outputs,
+            variant=model_cfg.get("variant", "8s"),
+            backbone=model_cfg.get("backbone", "vgg16"),
+            dropout=model_cfg.get("dropout", 0.5),
+            fc_channels=model_cfg.get("fc_channels", 4096),
+        )
+    if name == "fcn_resnet":
+        return FCNResNet(
+            num_outputs,
+            backbone=model_cfg.get("backbone", "resnet50"),
+            output_stride=model_cfg.get("output_stride", 8),
+            aux=model_cfg.get("aux", True),
+            dropout=model_cfg.get("dropout", 0.1),
+        )
+    if name == "twostream":
+        return TwoStreamPSPNet(
+            num_outputs,
+            backbone=model_cfg.get("backbone", "resnext50_32x4d"),
+            bins=tuple(model_cfg.get("bins", (1, 2, 3, 6))),
+            dropout=model_cfg.get("dropout", 0.1),
+        )
     raise ValueError(f"model.name={name!r} is not one of {_NAMES}")
 
 
@@ -38,4 +72,5 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["PSPNet", "UNet", "build", "param_count"]
+__all__ = ["DeepLabV3", "FCNResNet", "FCNVGG", "PSPNet", "TwoStreamPSPNet", "UNet", "build",
+           "param_count"]

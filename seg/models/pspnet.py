@@ -8,16 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seg.models.backbones import CHANNELS, init_like_resnet_, init_logits_, resnet
+from seg.models.heads import FCNHead, conv_bn_relu
 
 _POOLS = {"avg": nn.AdaptiveAvgPool2d, "max": nn.AdaptiveMaxPool2d}
-
-
-def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> list[nn.Module]:
-    return [
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    ]
 
 
 class PyramidPooling(nn.Module):
@@ -34,7 +27,7 @@ class PyramidPooling(nn.Module):
             raise ValueError(f"bins={tuple(bins)!r} must be a non-empty sequence of positive ints")
         branch_channels = in_channels // len(bins)
         self.branches = nn.ModuleList(
-            nn.Sequential(_POOLS[pool](b), *_conv_bn_relu(in_channels, branch_channels, 1))
+            nn.Sequential(_POOLS[pool](b), *conv_bn_relu(in_channels, branch_channels, 1))
             for b in bins
         )
 
@@ -56,20 +49,9 @@ class PSPHead(nn.Sequential):
         ppm_channels = in_channels + len(bins) * (in_channels // len(bins))
         super().__init__(
             ppm,
-            *_conv_bn_relu(ppm_channels, head_channels, 3),
+            *conv_bn_relu(ppm_channels, head_channels, 3),
             nn.Dropout2d(dropout),
             nn.Conv2d(head_channels, num_outputs, 1),
-        )
-
-
-class AuxHead(nn.Sequential):
-    """torchvision's FCNHead layout: 3x3 conv to in/4 -> BN -> ReLU -> dropout -> 1x1 conv."""
-
-    def __init__(self, in_channels: int, num_outputs: int, dropout: float):
-        super().__init__(
-            *_conv_bn_relu(in_channels, in_channels // 4, 3),
-            nn.Dropout2d(dropout),
-            nn.Conv2d(in_channels // 4, num_outputs, 1),
         )
 
 
@@ -101,7 +83,7 @@ class PSPNet(nn.Module):
         c3, c4 = CHANNELS[backbone]
         self.classifier = PSPHead(c4, c4 // 4, num_outputs, tuple(bins), pool, dropout)
         # Registered even when None so that the model has no plain attributes.
-        self.add_module("aux_classifier", AuxHead(c3, num_outputs, dropout) if aux else None)
+        self.add_module("aux_classifier", FCNHead(c3, num_outputs, dropout, channel_dropout=True) if aux else None)
         for head in (self.classifier, self.aux_classifier):
             if head is not None:
                 init_like_resnet_(head)

@@ -1,0 +1,110 @@
+"""DeepLabV3 (Chen et al. 2017, "Rethinking Atrous Convolution"): dilated ResNet + ASPP.
+
+Module names follow torchvision's `deeplabv3_resnet50`, so its state_dict loads strictly and the
+outputs match (tests/test_deeplabv3.py). Seed 000's "ASPP" is not this: it runs the encoder up to
+the classification logits and global-pools every branch, so no spatial map is left to segment.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seg.models.backbones import CHANNELS, init_like_resnet_, init_logits_, resnet
+from seg.models.heads import FCNHead, conv_bn_relu
+
+# The paper's atrous rates at output stride 16; they scale with the feature map's resolution
+# (doubled at output stride 8) so that each branch sees the same field of view in the image.
+_PAPER_RATES, _PAPER_STRIDE = (6, 12, 18), 16
+
+
+class ImagePooling(nn.Sequential):
+    """Global average pool -> 1x1 conv -> BN -> ReLU, broadcast back to the input's size.
+
+    The BN normalises over the batch only (the map is 1x1), so in training mode it needs at
+    least two images: PyTorch raises a ValueError for one. torchvision keeps this BN, and so does
+    the paper; train batches here are never smaller than train.batch_size (>= 2 in practice).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(nn.AdaptiveAvgPool2d(1), *conv_bn_relu(in_channels, out_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).expand(-1, -1, *x.shape[-2:])
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: a 1x1 branch, one dilated 3x3 branch per rate and image
+    pooling, each conv -> BN -> ReLU; concatenated, projected by 1x1 conv -> BN -> ReLU -> Dropout.
+    """
+
+    def __init__(self, in_channels: int, rates: Sequence[int], out_channels: int = 256,
+                 dropout: float = 0.5):
+        super().__init__()
+        if not rates or any(not isinstance(r, int) or r < 1 for r in rates):
+            raise ValueError(f"rates={tuple(rates)!r} must be a non-empty sequence of positive "
+                             "ints")
+        self.convs = nn.ModuleList([
+            nn.Sequential(*conv_bn_relu(in_channels, out_channels, 1)),
+            *(nn.Sequential(*conv_bn_relu(in_channels, out_channels, 3, r)) for r in rates),
+            ImagePooling(in_channels, out_channels),
+        ])
+        self.project = nn.Sequential(
+            *conv_bn_relu((len(rates) + 2) * out_channels, out_channels, 1),
+            nn.Dropout(dropout),  # element-wise, as torchvision
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.cat([branch(x) for branch in self.convs], dim=1))
+
+
+class DeepLabHead(nn.Sequential):
+    """ASPP -> 3x3 conv -> BN -> ReLU -> 1x1 conv to logits (torchvision's layout)."""
+
+    def __init__(self, in_channels: int, num_outputs: int, rates: Sequence[int],
+                 channels: int = 256):
+        super().__init__(
+            ASPP(in_channels, rates, channels),
+            *conv_bn_relu(channels, channels, 3),
+            nn.Conv2d(channels, num_outputs, 1),
+        )
+
+
+class DeepLabV3(nn.Module):
+    """DeepLabV3 on a dilated ResNet/ResNeXt; forward(x) -> {"out", "aux" (if aux)} at the
+    input's size.
+
+    rates: the ASPP's atrous rates; None gives the paper's 6-12-18 scaled by 16 / output_stride
+    (12-24-36 at output stride 8, torchvision's choice). The auxiliary head (not in the paper;
+    torchvision's FCNHead on layer3) is sized from CHANNELS, so any backbone there works.
+    Backbone keeps torchvision's init; the heads use init_like_resnet_ and init_logits_.
+    """
+
+    def __init__(self, num_outputs: int, backbone: str = "resnet50", output_stride: int = 8,
+                 aux: bool = True, rates: Sequence[int] | None = None):
+        super().__init__()
+        if num_outputs < 1:
+            raise ValueError(f"num_outputs={num_outputs!r} must be >= 1")
+        layers = ("layer3", "layer4") if aux else ("layer4",)
+        self.backbone = resnet(backbone, output_stride, layers)
+        if rates is None:
+            rates = tuple(r * _PAPER_STRIDE // output_stride for r in _PAPER_RATES)
+        c3, c4 = CHANNELS[backbone]
+        self.classifier = DeepLabHead(c4, num_outputs, tuple(rates))
+        # Registered even when None so that the model has no plain attributes.
+        self.add_module("aux_classifier", FCNHead(c3, num_outputs, 0.1) if aux else None)
+        for head in (self.classifier, self.aux_classifier):
+            if head is not None:
+                init_like_resnet_(head)
+                init_logits_(head[-1])
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = x.shape[-2:]
+        features = self.backbone(x)
+        out = {"out": self.classifier(features["layer4"])}
+        if self.aux_classifier is not None:
+            out["aux"] = self.aux_classifier(features["layer3"])
+        return {k: F.interpolate(v, size=size, mode="bilinear", align_corners=False)
+                for k, v in out.items()}
