@@ -1,20 +1,10 @@
-"""FCN-16s (Long et al. 2015; seeds 001, 002): VGG-16, pool4 skip, x16 upsampling.
-
-The paper's network (fc6/fc7 4096 wide, final upsampling fixed to bilinear), from scratch.
-Measured (FCN-8s, 150 steps, val mIoU): this config 0.49; fc 1024 wide 0.50, also on
-vgg16_bn; fc 1024 at lr 0.01 0.45. So VGG-16 needs no BatchNorm here, and
---config.model.fc_channels=1024 is twice as fast on CPU for the same accuracy.
-"""
-from configs import common
+"""FCN-16s (Long et al. 2015; seeds 001, 002): the FCN-8s config (configs/fcn8s.py) with
+the pool4 skip only and x16 final upsampling."""
+from configs import fcn8s
 
 
 def get_config(arg=None):
-    c = common.get_base_config()
-    c.model.name = "fcn"
+    c = fcn8s.get_config(arg)
     c.model.variant = "16s"
-    c.model.backbone = "vgg16"      # vgg11/13/16/19, with or without _bn
-    c.model.fc_channels = 4096
-    c.model.dropout = 0.5
     c.train.freeze = ("upscore16",)  # the paper keeps the final upsampling bilinear
-    c.optimizer.lr = 0.05           # from scratch (the paper fine-tunes from ImageNet)
     return c

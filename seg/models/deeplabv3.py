@@ -10,10 +10,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from seg.models.backbones import CHANNELS, init_like_resnet_, init_logits_, resnet
-from seg.models.heads import FCNHead, conv_bn_relu
+from seg.models.backbones import CHANNELS, resnet
+from seg.models.heads import FCNHead, ResNetSegmenter, conv_bn_relu
 
 # The paper's atrous rates at output stride 16; they scale with the feature map's resolution
 # (doubled at output stride 8) so that each branch sees the same field of view in the image.
@@ -72,7 +71,7 @@ class DeepLabHead(nn.Sequential):
         )
 
 
-class DeepLabV3(nn.Module):
+class DeepLabV3(ResNetSegmenter):
     """DeepLabV3 on a dilated ResNet/ResNeXt; forward(x) -> {"out", "aux" (if aux)} at the
     input's size.
 
@@ -84,27 +83,12 @@ class DeepLabV3(nn.Module):
 
     def __init__(self, num_outputs: int, backbone: str = "resnet50", output_stride: int = 8,
                  aux: bool = True, rates: Sequence[int] | None = None):
-        super().__init__()
         if num_outputs < 1:
             raise ValueError(f"num_outputs={num_outputs!r} must be >= 1")
         layers = ("layer3", "layer4") if aux else ("layer4",)
-        self.backbone = resnet(backbone, output_stride, layers)
+        net = resnet(backbone, output_stride, layers)
         if rates is None:
             rates = tuple(r * _PAPER_STRIDE // output_stride for r in _PAPER_RATES)
         c3, c4 = CHANNELS[backbone]
-        self.classifier = DeepLabHead(c4, num_outputs, tuple(rates))
-        # Registered even when None so that the model has no plain attributes.
-        self.add_module("aux_classifier", FCNHead(c3, num_outputs, 0.1) if aux else None)
-        for head in (self.classifier, self.aux_classifier):
-            if head is not None:
-                init_like_resnet_(head)
-                init_logits_(head[-1])
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        size = x.shape[-2:]
-        features = self.backbone(x)
-        out = {"out": self.classifier(features["layer4"])}
-        if self.aux_classifier is not None:
-            out["aux"] = self.aux_classifier(features["layer3"])
-        return {k: F.interpolate(v, size=size, mode="bilinear", align_corners=False)
-                for k, v in out.items()}
+        super().__init__(net, DeepLabHead(c4, num_outputs, tuple(rates)),
+                         FCNHead(c3, num_outputs, 0.1) if aux else None)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seg.models.backbones import CHANNELS, init_like_resnet_, init_logits_, resnet
-from seg.models.heads import FCNHead
+from seg.models.heads import FCNHead, ResNetSegmenter
 from seg.models.vgg import STAGE_CHANNELS, vgg
 
 # Output stride of each variant, and the pool stages whose scores it fuses (deepest first).
@@ -119,32 +119,19 @@ class FCNVGG(nn.Module):
         return {"out": _crop(self.upscore8(score), size)}
 
 
-class FCNResNet(nn.Module):
+class FCNResNet(ResNetSegmenter):
     """torchvision's fcn_resnet50/101 on our dilated ResNet: FCNHead on layer4, an auxiliary
     FCNHead on layer3, both upsampled bilinearly to the input's size. Parameter names equal
     torchvision's, so its state_dicts load strictly. forward(x) -> {"out", "aux" (if aux)}."""
 
     def __init__(self, num_outputs: int, backbone: str = "resnet50", output_stride: int = 8,
                  aux: bool = True, dropout: float = 0.1):
-        super().__init__()
         if num_outputs < 1:
             raise ValueError(f"num_outputs={num_outputs!r} must be >= 1")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
         layers = ("layer3", "layer4") if aux else ("layer4",)
-        self.backbone = resnet(backbone, output_stride, layers)
+        net = resnet(backbone, output_stride, layers)
         c3, c4 = CHANNELS[backbone]
-        self.classifier = FCNHead(c4, num_outputs, dropout)
-        self.add_module("aux_classifier", FCNHead(c3, num_outputs, dropout) if aux else None)
-        for head in (self.classifier, self.aux_classifier):
-            if head is not None:
-                init_like_resnet_(head)
-                init_logits_(head[-1])
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.backbone(x)
-        out = {"out": self.classifier(features["layer4"])}
-        if self.aux_classifier is not None:
-            out["aux"] = self.aux_classifier(features["layer3"])
-        return {k: F.interpolate(v, size=x.shape[-2:], mode="bilinear", align_corners=False)
-                for k, v in out.items()}
+        super().__init__(net, FCNHead(c4, num_outputs, dropout),
+                         FCNHead(c3, num_outputs, dropout) if aux else None)

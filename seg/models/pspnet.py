@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seg.models.backbones import CHANNELS, init_like_resnet_, init_logits_, resnet
-from seg.models.heads import FCNHead, conv_bn_relu
+from seg.models.backbones import CHANNELS, resnet
+from seg.models.heads import FCNHead, ResNetSegmenter, conv_bn_relu
 
 _POOLS = {"avg": nn.AdaptiveAvgPool2d, "max": nn.AdaptiveMaxPool2d}
 
@@ -55,7 +55,7 @@ class PSPHead(nn.Sequential):
         )
 
 
-class PSPNet(nn.Module):
+class PSPNet(ResNetSegmenter):
     """PSPNet on a dilated ResNet; forward(x) -> {"out", "aux" (if aux)} at the input's size.
 
     The head's 3x3 conv has layer4_channels // 4 channels: 512 for ResNet-50/101 as in the
@@ -73,27 +73,13 @@ class PSPNet(nn.Module):
         dropout: float = 0.1,
         aux: bool = True,
     ):
-        super().__init__()
         if num_outputs < 1:
             raise ValueError(f"num_outputs={num_outputs!r} must be >= 1")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
         layers = ("layer3", "layer4") if aux else ("layer4",)
-        self.backbone = resnet(backbone, output_stride, layers)
+        net = resnet(backbone, output_stride, layers)
         c3, c4 = CHANNELS[backbone]
-        self.classifier = PSPHead(c4, c4 // 4, num_outputs, tuple(bins), pool, dropout)
-        # Registered even when None so that the model has no plain attributes.
-        self.add_module("aux_classifier", FCNHead(c3, num_outputs, dropout, channel_dropout=True) if aux else None)
-        for head in (self.classifier, self.aux_classifier):
-            if head is not None:
-                init_like_resnet_(head)
-                init_logits_(head[-1])
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        size = x.shape[-2:]
-        features = self.backbone(x)
-        out = {"out": self.classifier(features["layer4"])}
-        if self.aux_classifier is not None:
-            out["aux"] = self.aux_classifier(features["layer3"])
-        return {k: F.interpolate(v, size=size, mode="bilinear", align_corners=False)
-                for k, v in out.items()}
+        super().__init__(
+            net, PSPHead(c4, c4 // 4, num_outputs, tuple(bins), pool, dropout),
+            FCNHead(c3, num_outputs, dropout, channel_dropout=True) if aux else None)
