@@ -98,7 +98,7 @@ def make_eval_step(model: nn.Module, loss_fn: Callable, num_classes: int, *,
                    ignore_index: int = 255, compile: bool | str = False
                    ) -> Callable[[Params, Buffers, Batch], dict]:
     """Eval step: the batch's confusion matrix, and its main-head loss times its image count
-    (summed over a split and divided by the image count, that is the split's mean loss)."""
+    (summed over a split and divided by the split's image count: the split's mean loss)."""
 
     @torch.no_grad()
     def step(params: Params, buffers: Buffers, batch: Batch) -> dict:
@@ -106,8 +106,7 @@ def make_eval_step(model: nn.Module, loss_fn: Callable, num_classes: int, *,
         out, _ = functional.apply(model, params, buffers, images)
         logits = out["out"]
         cm = metrics.confusion_matrix(metrics.predict(logits), masks, num_classes, ignore_index)
-        return {"confusion": cm, "loss_sum": loss_fn(logits, masks).float() * images.shape[0],
-                "images": torch.tensor(images.shape[0], device=images.device)}
+        return {"confusion": cm, "loss_sum": loss_fn(logits, masks).float() * images.shape[0]}
 
     core = _compiled(step, compile)
 
@@ -128,13 +127,14 @@ def _compiled(fn: Callable, compile: bool | str) -> Callable:
 def evaluate(eval_step: Callable, params: Params, buffers: Buffers, batches: Iterable[Batch]
              ) -> dict:
     """Runs a whole split; accumulates on device and reads the host once at the end."""
-    total = None
+    total, images = None, 0
     for batch in batches:
         out = eval_step(params, buffers, batch)
         total = out if total is None else {k: total[k] + v for k, v in out.items()}
+        images += batch[0].shape[0]  # known on the host: no device counter needed
     if total is None:
         raise ValueError("evaluate() got no batches: the split is empty")
     result = metrics.scores(total["confusion"].cpu())
-    result["loss"] = (total["loss_sum"] / total["images"]).item()
+    result["loss"] = total["loss_sum"].item() / images
     result["confusion_matrix"] = total["confusion"].cpu().tolist()
     return result

@@ -1,10 +1,11 @@
-"""Every model config, shrunk to test size: logits of the input's size for odd and even inputs,
-a few train steps through the real train step lower the loss, and the step is captured by
-torch.compile as one graph with the same numbers as eager."""
+"""Every model config, shrunk to test size: modules hold structure only, logits have the input's
+size for odd and even inputs, a few train steps through the real train step lower the loss,
+and the step is captured by torch.compile as one graph with the same numbers as eager."""
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from configs import deeplabv3, fcn8s, fcn16s, fcn32s, fcn_resnet50, pspnet, pspnet_seed004, unet
 from seg import functional, losses, models, optim
@@ -48,6 +49,23 @@ def batch(size=(64, 64), b=2):
     """Real samples of the embedded dataset: a learnable batch, unlike random labels."""
     data = synthetic.generate("train", b, image_size=size)
     return pipeline.normalize(data.images, data.mean, data.std), data.masks.long()
+
+
+# torch classes that ours derive from, with a way to make a plain instance to compare against
+BASES = {nn.Conv2d: lambda: nn.Conv2d(1, 1, 1), nn.Sequential: nn.Sequential, nn.Module: nn.Module}
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_modules_hold_only_structure(name):
+    model = models.build(config(name).model, 3).train()
+    model(batch((32, 32))[0])  # a forward must not leave anything behind
+    for path, m in model.named_modules():
+        leftovers = {k for k, v in vars(m).items()
+                     if isinstance(v, (torch.Tensor, nn.Module, torch.optim.Optimizer))}
+        assert not leftovers, f"{type(m).__name__} {path}: {leftovers}"
+        if type(m).__module__.startswith("seg."):  # our classes add no attributes of their own
+            base = next(c for c in type(m).__mro__ if c in BASES)
+            assert set(vars(m)) == set(vars(BASES[base]())), f"{type(m).__name__} {path}"
 
 
 @pytest.mark.parametrize("name", ZOO)

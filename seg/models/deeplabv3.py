@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from seg.models.backbones import CHANNELS, resnet
-from seg.models.heads import FCNHead, ResNetSegmenter, conv_bn_relu
+from seg.models.heads import FCNHead, ResNetSegmenter, check_head_args, conv_bn_relu
 
 # The paper's atrous rates at output stride 16; they scale with the feature map's resolution
 # (doubled at output stride 8) so that each branch sees the same field of view in the image.
@@ -83,8 +83,7 @@ class DeepLabV3(ResNetSegmenter):
 
     def __init__(self, num_outputs: int, backbone: str = "resnet50", output_stride: int = 8,
                  aux: bool = True, rates: Sequence[int] | None = None):
-        if num_outputs < 1:
-            raise ValueError(f"num_outputs={num_outputs!r} must be >= 1")
+        check_head_args(num_outputs)
         layers = ("layer3", "layer4") if aux else ("layer4",)
         net = resnet(backbone, output_stride, layers)
         if rates is None:

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seg.models.backbones import CHANNELS, init_like_resnet_, init_logits_, resnet
-from seg.models.heads import FCNHead, ResNetSegmenter
+from seg.models.heads import FCNHead, ResNetSegmenter, check_head_args
 from seg.models.vgg import STAGE_CHANNELS, vgg
 
 # Output stride of each variant, and the pool stages whose scores it fuses (deepest first).
@@ -77,13 +77,11 @@ class FCNVGG(nn.Module):
     def __init__(self, num_outputs: int, variant: str = "8s", backbone: str = "vgg16",
                  dropout: float = 0.5, fc_channels: int = 4096):
         super().__init__()
-        for arg, value in (("num_outputs", num_outputs), ("fc_channels", fc_channels)):
-            if value < 1:
-                raise ValueError(f"{arg}={value!r} must be >= 1")
+        check_head_args(num_outputs, dropout)
+        if fc_channels < 1:
+            raise ValueError(f"fc_channels={fc_channels!r} must be >= 1")
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is not one of {tuple(VARIANTS)}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
         stride, skips = VARIANTS[variant]
         self.backbone = vgg(backbone, ("pool5", *skips), ceil_mode=True)
         self.fc6 = nn.Conv2d(STAGE_CHANNELS["pool5"], fc_channels, 7, padding=3)
@@ -126,10 +124,7 @@ class FCNResNet(ResNetSegmenter):
 
     def __init__(self, num_outputs: int, backbone: str = "resnet50", output_stride: int = 8,
                  aux: bool = True, dropout: float = 0.1):
-        if num_outputs < 1:
-            raise ValueError(f"num_outputs={num_outputs!r} must be >= 1")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+        check_head_args(num_outputs, dropout)
         layers = ("layer3", "layer4") if aux else ("layer4",)
         net = resnet(backbone, output_stride, layers)
         c3, c4 = CHANNELS[backbone]

@@ -8,6 +8,14 @@ import torch.nn.functional as F
 from seg.models.backbones import init_like_resnet_, init_logits_
 
 
+def check_head_args(num_outputs: int, dropout: float = 0.0) -> None:
+    """The checks every segmentation model makes of its head arguments."""
+    if num_outputs < 1:
+        raise ValueError(f"num_outputs={num_outputs!r} must be >= 1")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+
+
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1
                  ) -> list[nn.Module]:
     """Bias-free conv ("same" padding) -> BatchNorm -> ReLU, as a list to splice into a Sequential."""

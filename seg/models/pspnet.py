@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seg.models.backbones import CHANNELS, resnet
-from seg.models.heads import FCNHead, ResNetSegmenter, conv_bn_relu
+from seg.models.heads import FCNHead, ResNetSegmenter, check_head_args, conv_bn_relu
 
 _POOLS = {"avg": nn.AdaptiveAvgPool2d, "max": nn.AdaptiveMaxPool2d}
 
@@ -73,10 +73,7 @@ class PSPNet(ResNetSegmenter):
         dropout: float = 0.1,
         aux: bool = True,
     ):
-        if num_outputs < 1:
-            raise ValueError(f"num_outputs={num_outputs!r} must be >= 1")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+        check_head_args(num_outputs, dropout)
         layers = ("layer3", "layer4") if aux else ("layer4",)
         net = resnet(backbone, output_stride, layers)
         c3, c4 = CHANNELS[backbone]

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seg.models.backbones import CHANNELS, init_like_resnet_, init_logits_, resnet
-from seg.models.heads import conv_bn_relu
+from seg.models.heads import check_head_args, conv_bn_relu
 from seg.models.pspnet import PyramidPooling
 
 
@@ -64,10 +64,7 @@ class TwoStreamPSPNet(nn.Module):
     def __init__(self, num_outputs: int, backbone: str = "resnext50_32x4d",
                  bins: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1):
         super().__init__()
-        if num_outputs < 1:
-            raise ValueError(f"num_outputs={num_outputs!r} must be >= 1")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+        check_head_args(num_outputs, dropout)
         bins = tuple(bins)
         # Stride 32 (no dilation): supp is layer4 as torchvision computes it.
         self.backbone = resnet(backbone, output_stride=32, return_layers=("layer2", "layer4"))

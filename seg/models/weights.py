@@ -45,7 +45,7 @@ def cache_path(spec: str, arch: str) -> tuple[Path, str]:
         raise ValueError(f"model.backbone_weights={spec!r} is not a weight of {arch}: one of "
                          f"{list(enum.__members__)} or a file path")
     url = enum[spec].url
-    # torch.hub.load_state_dict_from_url caches a URL under its file name in <hub>/checkpoints.
+    # torch.hub keeps a fetched weight file under the URL's file name in <hub>/checkpoints.
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url), url
 
 
