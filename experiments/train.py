@@ -192,7 +192,15 @@ def evaluate(eval_step, state, split_data, cfg, device) -> dict:
 
 def main(argv):
     del argv
-    cfg, workdir = _CONFIG.value, Path(_WORKDIR.value)
+    try:
+        run(_CONFIG.value, Path(_WORKDIR.value))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+
+
+def run(cfg, workdir: Path) -> dict:
+    """Trains (or resumes) one run in `workdir` and returns its summary; the entry point that
+    ablation scripts call. Config mistakes raise ConfigError before anything is written."""
     runtime.keep_freed_memory()  # CPU steps re-allocate big tensors; see seg/runtime.py
     try:
         validate(cfg)
@@ -200,11 +208,12 @@ def main(argv):
         splits, model, params, buffers, optimizer, schedule, loss_fn = build(cfg, device)
         workdir.mkdir(parents=True, exist_ok=True)
         check_same_config(workdir, cfg)
-    except (ConfigError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except ValueError as e:  # ConfigError included; library errors name their field
+        raise ConfigError(str(e)) from None
     cfg.lock()
     writers.write_json(workdir / "config.json", cfg.to_dict())
-    train(cfg, workdir, device, splits, model, params, buffers, optimizer, schedule, loss_fn)
+    return train(cfg, workdir, device, splits, model, params, buffers, optimizer, schedule,
+                 loss_fn)
 
 
 def train(cfg, workdir, device, splits, model, params, buffers, optimizer, schedule, loss_fn):
@@ -279,6 +288,7 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
     writers.write_json(workdir / "summary.json", run.summary(steps))
     print(f"test miou {result['miou']:.4f}  pixel_acc {result['pixel_acc']:.4f}  "
           f"wall {run.wall_time:.0f}s  -> {workdir}", flush=True)
+    return run.summary(steps)
 
 
 class Clock:
