@@ -13,16 +13,36 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "synthetic"              # the embedded procedurally generated dataset
+    c.data.name = "synthetic"              # synthetic | folder | camvid | voc | pets
     c.data.seed = 0                        # fixed while `seed` varies: a seed sweep sees the same data
     c.data.root = config_dict.placeholder(str)   # folder of a real dataset (not used by synthetic)
     c.data.num_classes = 3                 # background + two object classes
-    c.data.image_size = 64
     c.data.ignore_index = 255
+    c.data.train_split = "train"
+    c.data.val_split = "val"
+    c.data.test_split = "test"             # "" = the dataset has none (CamVid's copy): no test eval
+    c.data.sbd_root = ""                   # voc: SBD folder whose train set is added ("aug")
+    c.data.verify = False                  # check every file when the dataset is opened
+    c.data.storage = "raw"                 # raw | memmap | hdf5 (caches of preprocessed samples)
+    c.data.cache_dir = ""                  # where memmap / hdf5 caches are written
+    c.data.normalize = "dataset"           # dataset (its own train mean/std) | imagenet
+    # synthetic only
+    c.data.image_size = 64
     c.data.num_train = 2000
     c.data.num_val = 200
     c.data.num_test = 200
+    # train augmentation (image and mask together)
+    c.data.resize = 0                      # shorter side resized to this first (seed 004); 0 = off
+    c.data.scale_range = (1.0, 1.0)        # random rescale, e.g. (0.5, 2.0) (seed 001)
+    c.data.crop_size = ()                  # (H, W) random crop, padded with ignore; () = none
     c.data.hflip = True
+    c.data.color_jitter = 0.0              # brightness / contrast / saturation strength; 0 = off
+    c.data.perspective = 0.0               # distortion scale of a random perspective; 0 = off
+    # evaluation reads whole images, padded to a multiple of this (ignore in the mask)
+    c.data.pad_multiple = 32
+    # loading
+    c.data.workers = 0                     # DataLoader worker processes
+    c.data.prefetch = 2                    # batches moved to the device ahead of the step
 
     c.model = ml_collections.ConfigDict()
     c.model.name = ""
