@@ -6,7 +6,7 @@ images the stride-8 features are 8x8, so rates 12-24-36 reach only padding outsi
 tap and those branches act as 1x1 convs (the paper's own observation on large rates, and why
 it adds image pooling); larger data.image_size gives them their meaning back.
 """
-from configs import common
+from configs import common, presets
 
 
 def get_config(arg=None):
@@ -21,4 +21,4 @@ def get_config(arg=None):
     # From scratch, as configs/pspnet.py (0.02 / 0.05 / 0.1 gave val mIoU 0.34 / 0.44 / 0.45
     # after 80 steps); the paper's 0.007 assumes an ImageNet-pretrained backbone.
     c.optimizer.lr = 0.05
-    return c
+    return presets.apply(c, arg)

@@ -5,7 +5,7 @@ Measured (FCN-8s, 150 steps, val mIoU): this config 0.49; fc 1024 wide 0.50, als
 vgg16_bn; fc 1024 at lr 0.01 0.45. So VGG-16 needs no BatchNorm here, and
 --config.model.fc_channels=1024 is twice as fast on CPU for the same accuracy.
 """
-from configs import common
+from configs import common, presets
 
 
 def get_config(arg=None):
@@ -17,4 +17,4 @@ def get_config(arg=None):
     c.model.dropout = 0.5
     c.train.freeze = ("upscore8",)  # the paper keeps the final upsampling bilinear
     c.optimizer.lr = 0.05           # from scratch (the paper fine-tunes from ImageNet)
-    return c
+    return presets.apply(c, arg)

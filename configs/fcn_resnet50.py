@@ -3,7 +3,7 @@ auxiliary FCN head on layer3 weighted 0.5 (torchvision's reference training reci
 
 --config.model.backbone=resnet18 (or resnet34/101) for a cheaper or deeper encoder.
 """
-from configs import common
+from configs import common, presets
 
 
 def get_config(arg=None):
@@ -15,4 +15,4 @@ def get_config(arg=None):
     c.model.dropout = 0.1
     c.loss.aux_weight = 0.5
     c.optimizer.lr = 0.05   # from scratch; torchvision's 0.02 fine-tunes an ImageNet backbone
-    return c
+    return presets.apply(c, arg)

@@ -3,7 +3,7 @@
 The default backbone is ResNet-18 so that the default run fits the CPU budget (README);
 --config.model.backbone=resnet50 gives the paper's network.
 """
-from configs import common
+from configs import common, presets
 
 
 def get_config(arg=None):
@@ -17,4 +17,4 @@ def get_config(arg=None):
     c.model.aux = True
     c.loss.aux_weight = 0.4
     c.optimizer.lr = 0.05   # from scratch; the paper's 0.01 assumes an ImageNet-pretrained backbone
-    return c
+    return presets.apply(c, arg)

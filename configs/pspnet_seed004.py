@@ -7,7 +7,7 @@ is random init, where a frozen encoder only gives random features. For the noteb
 the file in the torch hub cache and add --config.model.backbone_weights=IMAGENET1K_V1 (the error
 names the file and where it goes); or train the encoder too with --config.train.freeze="()".
 """
-from configs import common
+from configs import common, presets
 
 
 def get_config(arg=None):
@@ -24,4 +24,4 @@ def get_config(arg=None):
     c.schedule.step_size = 50
     c.schedule.gamma = 0.85
     c.train.freeze = ("backbone",)
-    return c
+    return presets.apply(c, arg)

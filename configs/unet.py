@@ -1,5 +1,5 @@
 """UNet (Ronneberger et al. 2015; seed 003): transposed-conv upsampling, dropout at the bottom."""
-from configs import common
+from configs import common, presets
 
 
 def get_config(arg=None):
@@ -12,4 +12,4 @@ def get_config(arg=None):
     c.optimizer.name = "adam"
     c.optimizer.lr = 1e-3
     c.optimizer.weight_decay = 0.0
-    return c
+    return presets.apply(c, arg)
