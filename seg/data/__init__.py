@@ -1,7 +1,7 @@
 """Datasets: `build(config.data, split)` returns a whole split in memory as SegmentationData."""
 from __future__ import annotations
 
-from seg.data.synthetic import IGNORE_INDEX, SegmentationData, generate
+from seg.data.synthetic import CLASS_NAMES, IGNORE_INDEX, SegmentationData, generate
 
 DATASETS = ("synthetic",)
 
@@ -14,6 +14,9 @@ def build(data_cfg, split: str) -> SegmentationData:
     if data_cfg.ignore_index != IGNORE_INDEX:
         raise ValueError(f"data.ignore_index={data_cfg.ignore_index} must be {IGNORE_INDEX} "
                          f"for data.name='synthetic'")
+    if not 2 <= data_cfg.num_classes <= len(CLASS_NAMES):
+        raise ValueError(f"data.num_classes={data_cfg.num_classes} but data.name='synthetic' has "
+                         f"{len(CLASS_NAMES)} classes (2 to {len(CLASS_NAMES)} can be used)")
     sizes = {"train": data_cfg.num_train, "val": data_cfg.num_val, "test": data_cfg.num_test}
     if split not in sizes:
         raise ValueError(f"split={split!r} is not one of {tuple(sizes)}")
