@@ -88,4 +88,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.compile = False                # torch.compile the steps
     c.train.grad_impl = "auto"             # auto | autograd | func (torch.func.grad_and_value)
     c.train.device = "auto"                # auto: cuda when available, else cpu
+    # torchrun data parallel: train.batch_size and eval_batch_size are global (split over ranks)
+    c.train.sync_bn = False                # BN moments over the global batch; False: per-rank
+                                           # statistics, averaged before each eval / checkpoint
+    c.train.nonfinite = "stop"             # NaN/Inf loss: stop (exit naming the step) | skip
+    c.train.deterministic = False          # torch.use_deterministic_algorithms + cuDNN/cuBLAS
     return c

@@ -3,18 +3,26 @@
   python experiments/train.py --config=configs/pspnet.py --workdir=runs/psp
   python experiments/train.py --config=configs/unet.py --workdir=runs/unet --config.train.steps=200
 
-Restarting with the same --workdir resumes from the newest checkpoint and ends with the same
-numbers as an uninterrupted run.
+Restarting with the same --workdir resumes from the newest readable checkpoint and ends with the
+same numbers as an uninterrupted run. Data parallel over N processes (GPUs, or CPU on gloo):
+
+  torchrun --nproc_per_node=N experiments/train.py --config=... --workdir=...
+
+train.batch_size is then the global batch; rank 0 alone writes files and prints.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
+import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -24,7 +32,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from seg import runtime  # noqa: E402
-from seg import checkpoint, data, functional, losses, models, optim, writers  # noqa: E402
+from seg import checkpoint, data, distributed, functional, losses, models  # noqa: E402
+from seg import optim, writers  # noqa: E402
 from seg import train as seg_train  # noqa: E402
 from seg.data import pipeline  # noqa: E402
 from seg.models import weights  # noqa: E402
@@ -34,8 +43,26 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+_RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout from seed + r * this; rank 0 = one process
+
+
 class ConfigError(ValueError):
     """A bad config value: reported as one line, before any work is done."""
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the state went NaN / infinite: reported as one line naming the step."""
+
+
+class World(NamedTuple):
+    """This process's place in a data-parallel job (size 1 and no group for one process)."""
+    rank: int
+    size: int
+    group: Any
+
+    @property
+    def writes(self) -> bool:
+        return self.rank == 0
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -47,15 +74,21 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"error: {message}")
 
 
-def select_device(name: str) -> torch.device:
+def select_device(name: str, info: distributed.WorldInfo) -> torch.device:
+    """The device of this rank: with torchrun, GPU number LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available")
+    if name == "cuda":
+        return torch.device("cuda", info.local_rank)
+    if name.startswith("cuda:") and info.world_size > 1:
+        raise ConfigError(f"train.device={name!r} names one GPU for {info.world_size} ranks; "
+                          "use 'cuda' or 'auto' (each rank takes GPU LOCAL_RANK)")
     return torch.device(name)
 
 
-def validate(cfg) -> None:
+def validate(cfg, world_size: int = 1) -> None:
     """Checks that need no data or model: one line naming the field."""
     t = cfg.train
     for field in ("steps", "batch_size", "eval_batch_size", "log_every", "eval_every",
@@ -67,14 +100,39 @@ def validate(cfg) -> None:
     if t.compile and t.grad_impl == "autograd":
         raise ConfigError("train.grad_impl='autograd' cannot be compiled as one graph: use "
                           "'auto' or 'func' with train.compile=True")
+    if t.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.nonfinite={t.nonfinite!r} is not one of stop, skip")
+    if t.batch_size % world_size:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the world size "
+                          f"{world_size} (it is the global batch, split over the ranks)")
+    if t.eval_batch_size < world_size:
+        raise ConfigError(f"train.eval_batch_size={t.eval_batch_size} is smaller than the world "
+                          f"size {world_size} (it is the global eval batch)")
     if cfg.data.num_classes < 2:
         raise ConfigError(f"data.num_classes={cfg.data.num_classes} must be at least 2")
+    validate_crop(cfg.data)
     if cfg.loss.name in losses.BINARY_LOSSES and cfg.data.num_classes != 2:
         raise ConfigError(f"loss.name={cfg.loss.name!r} is a binary loss but "
                           f"data.num_classes={cfg.data.num_classes} (it needs 2)")
     if cfg.loss.class_weights and len(cfg.loss.class_weights) != cfg.data.num_classes:
         raise ConfigError(f"loss.class_weights has {len(cfg.loss.class_weights)} entries but "
                           f"data.num_classes={cfg.data.num_classes}")
+
+
+def validate_crop(data_cfg) -> None:
+    crop = tuple(data_cfg.crop_size)
+    if not crop:
+        return
+    if len(crop) != 2 or not all(isinstance(c, int) and c > 0 for c in crop):
+        raise ConfigError(f"data.crop_size={crop} must be () or two positive ints (H, W)")
+    if data_cfg.name != "synthetic":  # image sizes of real data vary: crops are padded
+        return
+    size = data_cfg.image_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    scale = max(data_cfg.scale_range)
+    if crop[0] > h * scale or crop[1] > w * scale:
+        raise ConfigError(f"data.crop_size={crop} is larger than the images: data.image_size="
+                          f"{size} rescaled by at most {scale} (data.scale_range)")
 
 
 def build(cfg, device: torch.device):
@@ -129,33 +187,41 @@ def _flat_diff(a, b, prefix=""):
         yield prefix.rstrip(".")
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, world_size: int) -> dict:
     env = {"torch": torch.__version__, "torchvision": torchvision.__version__,
            "python": platform.python_version(), "device": str(device),
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "world_size": world_size}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
 
 
-def rng_state() -> dict:
+def rng_states(device: torch.device, world: World) -> list[dict]:
+    """The dropout RNG states of every rank (a collective: all ranks call it)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return distributed.gather_objects(state, world.group) if world.size > 1 else [state]
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(states: list[dict], device: torch.device, world: World, step: int) -> None:
+    if len(states) != world.size:
+        warnings.warn(f"the checkpoint of step {step} was written by {len(states)} rank(s), this "
+                      f"run has {world.size}: dropout draws restart from the seed, so the run "
+                      "will not match an uninterrupted one")
+        return
+    state = states[world.rank]
+    torch.set_rng_state(state["torch"].cpu())  # map_location may have moved it
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 class Run:
-    """The run directory's bookkeeping: metrics log, last and best eval, times, summary."""
+    """The run directory's bookkeeping: metrics log, last and best eval, times, summary.
+    Every rank keeps it; rank 0 alone writes it."""
 
-    def __init__(self, workdir: Path, cfg, device, model_info: dict, class_names):
-        self.workdir, self.cfg, self.device = workdir, cfg, device
+    def __init__(self, workdir: Path, cfg, device, model_info: dict, class_names, world: World):
+        self.workdir, self.cfg, self.device, self.world = workdir, cfg, device, world
         self.log = writers.MetricsLog(workdir / "metrics.jsonl")
         self.model_info, self.class_names = model_info, list(class_names)
         self.train_time = 0.0      # seconds spent in train steps (eval excluded), over all restarts
@@ -169,11 +235,19 @@ class Run:
                 "train_time_s": self.train_time,
                 "images_per_s": images / self.train_time if self.train_time else None,
                 "class_names": self.class_names, "last_eval": self.last, "best_eval": self.best,
-                "environment": environment(self.device)}
+                "environment": environment(self.device, self.world.size)}
+
+    def write(self, record: dict) -> None:
+        if self.world.writes:
+            self.log.write(record)
+
+    def write_summary(self, step: int) -> None:
+        if self.world.writes:
+            writers.write_json(self.workdir / "summary.json", self.summary(step))
 
     def record_eval(self, step: int, split: str, result: dict) -> dict:
         record = {"step": step, "split": split, **result}
-        self.log.write(record)
+        self.write(record)
         self.last[split] = record
         if split == "val" and (self.best is None or _rank(result) > _rank(self.best)):
             self.best = record
@@ -185,110 +259,230 @@ def _rank(record: dict) -> float:
     return miou if miou is not None and miou == miou else -math.inf  # NaN/None never wins
 
 
-def evaluate(eval_step, state, split_data, cfg, device) -> dict:
-    batches = pipeline.eval_batches(split_data, cfg.train.eval_batch_size, device=device)
-    return seg_train.evaluate(eval_step, state.params, state.buffers, batches)
+def evaluate(eval_step, state, split_data, cfg, device, world: World) -> dict:
+    """The metrics of a whole split; with several ranks each runs its shard and the confusion
+    matrices are summed, so the numbers are the single-process ones."""
+    batches = pipeline.eval_batches(split_data, cfg.train.eval_batch_size, device=device,
+                                    rank=world.rank, world_size=world.size)
+    reduce = functools.partial(distributed.sum_across, group=world.group) if world.size > 1 \
+        else None
+    return seg_train.evaluate(eval_step, state.params, state.buffers, batches, reduce=reduce)
 
 
 def main(argv):
     del argv
+    # warnings (an unreadable checkpoint skipped, ...) as one line each, like the errors
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         run(_CONFIG.value, Path(_WORKDIR.value))
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    except (ConfigError, NonFiniteError) as e:
+        # Every rank meets the same error: rank 0's line is the whole report.
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
 
 
 def run(cfg, workdir: Path) -> dict:
     """Trains (or resumes) one run in `workdir` and returns its summary; the entry point that
-    ablation scripts call. Config mistakes raise ConfigError before anything is written."""
+    ablation scripts call. Config mistakes raise ConfigError before anything is written.
+    Under torchrun it joins the job's process group (or uses the caller's, if initialised)."""
     runtime.keep_freed_memory()  # CPU steps re-allocate big tensors; see seg/runtime.py
     try:
-        validate(cfg)
-        device = select_device(cfg.train.device)
-        splits, model, params, buffers, optimizer, schedule, loss_fn = build(cfg, device)
-        workdir.mkdir(parents=True, exist_ok=True)
-        check_same_config(workdir, cfg)
-    except ValueError as e:  # ConfigError included; library errors name their field
+        info = distributed.world_info(os.environ)
+        validate(cfg, info.world_size)
+        device = select_device(cfg.train.device, info)
+    except ValueError as e:  # ConfigError included
         raise ConfigError(str(e)) from None
-    cfg.lock()
-    writers.write_json(workdir / "config.json", cfg.to_dict())
-    return train(cfg, workdir, device, splits, model, params, buffers, optimizer, schedule,
-                 loss_fn)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(runtime.deterministic_algorithms(cfg.train.deterministic))
+        if info.rank != 0:  # rank 0 alone prints and warns
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(
+                open(os.devnull, "w"))))
+            stack.enter_context(warnings.catch_warnings())
+            warnings.simplefilter("ignore")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        try:
+            splits, model, params, buffers, optimizer, schedule, loss_fn = build(cfg, device)
+            check_same_config(workdir, cfg)
+        except ValueError as e:  # library errors name their field
+            raise ConfigError(str(e)) from None
+        cfg.lock()
+        world = World(info.rank, info.world_size,
+                      stack.enter_context(distributed.process_group(info, device)))
+        if world.writes:
+            workdir.mkdir(parents=True, exist_ok=True)
+            writers.write_json(workdir / "config.json", cfg.to_dict())
+        return train(cfg, workdir, device, splits, model, params, buffers, optimizer, schedule,
+                     loss_fn, world)
 
 
-def train(cfg, workdir, device, splits, model, params, buffers, optimizer, schedule, loss_fn):
+def train(cfg, workdir, device, splits, model, params, buffers, optimizer, schedule, loss_fn,
+          world: World):
     trainable, _ = functional.split_trainable(params, cfg.train.freeze)
-    torch.manual_seed(cfg.seed)  # the global RNG drives dropout
+    # The global RNG drives dropout: each rank draws its own masks.
+    torch.manual_seed(cfg.seed + _RANK_SEED_STRIDE * world.rank)
     state = seg_train.init_state(params, buffers, optimizer, trainable)
     model_info = {"name": cfg.model.name, "params": functional.count(params),
                   "trainable_params": sum(params[k].numel() for k in trainable)}
-    run = Run(workdir, cfg, device, model_info, splits["train"].class_names)
+    run = Run(workdir, cfg, device, model_info, splits["train"].class_names, world)
 
     saved = checkpoint.restore(workdir / "checkpoints", map_location=device)
+    start = 0
     if saved is not None:
         state = seg_train.TrainState(**saved["state"])
-        set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"], device, world, saved["step"])
         run.train_time, run.wall_time = saved["train_time"], saved["wall_time"]
         run.best, run.last = saved["best"], saved["last"]
+        start = saved["data"]["step"]
         print(f"resumed from step {saved['step']} in {workdir}", flush=True)
-    start = int(state.step)
-    run.log.truncate_after(start)
+    if world.writes:  # the test evaluation follows the last checkpoint: always redone
+        run.log.truncate_after(start, redo_splits=("test",))
 
+    if world.size > 1 and cfg.train.sync_bn:
+        distributed.convert_sync_batchnorm(model, world.group)
     train_step = seg_train.make_train_step(
         model, loss_fn, optimizer, schedule, trainable=trainable, frozen_modules=cfg.train.freeze,
         aux_weight=cfg.loss.aux_weight, grad_impl=cfg.train.grad_impl,
-        compile=cfg.train.compile, donate=True)  # the loop never reads an old state again
+        compile=cfg.train.compile, donate=True,  # the loop never reads an old state again
+        grad_reduce=distributed.make_grad_reduce(world.group) if world.size > 1 else None,
+        skip_nonfinite=cfg.train.nonfinite == "skip")
     eval_step = seg_train.make_eval_step(model, loss_fn, cfg.data.num_classes,
                                          ignore_index=cfg.data.ignore_index,
                                          compile=cfg.train.compile)
+    # Batches are a pure function of the global step: the data position is that step.
     batches = pipeline.train_batches(splits["train"], cfg.train.batch_size, cfg.seed,
-                                     start_step=start, device=device, hflip=cfg.data.hflip)
+                                     start_step=start, device=device, hflip=cfg.data.hflip,
+                                     rank=world.rank, world_size=world.size)
 
     steps, t = cfg.train.steps, cfg.train
     clock = Clock(device, run.train_time, run.wall_time)
-    # The train loss logged is the mean since the last log line; a resume mid-window continues it.
-    loss_sum, window = torch.zeros((), device=device), 0
-    if saved is not None:
-        loss_sum, window = saved["window"]["loss_sum"], saved["window"]["steps"]
+    # The train loss logged is the mean since the last log line over the steps whose loss was
+    # finite; a resume mid-window continues it.
+    window = Window(device, saved["window"] if saved is not None else None)
     for step in range(start + 1, steps + 1):
         state, m = train_step(state, next(batches))
-        loss_sum += m["loss"]
-        window += 1
-        if step % t.log_every == 0 or step == steps:
-            loss = (loss_sum / window).item()  # the only host sync of the window
+        window.add(state.step, m)
+        log_now = step % t.log_every == 0 or step == steps
+        eval_now = step % t.eval_every == 0 or step == steps
+        save_now = step % t.checkpoint_every == 0 or step == steps
+        if not (log_now or eval_now or save_now):
+            continue
+        if t.nonfinite == "stop" and window.first_bad_step():  # a sync, where the loop syncs
+            raise nonfinite_error("loss", window.first_bad_step(), workdir, t.nonfinite)
+        if (eval_now or save_now) and not all_finite(state):
+            # a finite loss can still give an infinite update: never evaluate or save that
+            raise nonfinite_error("parameters or optimizer state", step, workdir, t.nonfinite)
+        if world.size > 1 and not t.sync_bn and (eval_now or save_now):
+            # per-rank BN statistics drift apart: evaluate and save their average
+            state = state._replace(buffers=distributed.average_buffers(state.buffers,
+                                                                       world.group))
+        if log_now:
+            loss, skipped = window.read()  # the only host sync of the window
             seconds = clock.lap()
-            ips, eta = window * t.batch_size / seconds, (steps - step) * seconds / window
-            run.log.write({"step": step, "split": "train", "loss": loss, "lr": m["lr"].item(),
-                           "images_per_s": ips})
+            ips = window.steps * t.batch_size / seconds
+            eta = (steps - step) * seconds / window.steps
+            record = {"step": step, "split": "train", "loss": loss, "lr": m["lr"].item(),
+                      "images_per_s": ips}
+            if t.nonfinite == "skip":
+                record["skipped"] = skipped
+            run.write(record)
             print(f"step {step}/{steps}  loss {loss:.4f}  lr {m['lr'].item():.3g}  "
-                  f"{ips:.1f} img/s  eta {eta:.0f}s", flush=True)
-            loss_sum.zero_()
-            window = 0
-        if step % t.eval_every == 0 or step == steps:
+                  f"{ips:.1f} img/s  eta {eta:.0f}s" + (f"  skipped {skipped}" if skipped else ""),
+                  flush=True)
+            window.reset()
+        if eval_now:
             with clock.paused():
                 result = run.record_eval(step, "val", evaluate(eval_step, state, splits["val"],
-                                                              cfg, device))
+                                                              cfg, device, world))
                 run.train_time, run.wall_time = clock.train_time(), clock.wall_time()
-                writers.write_json(workdir / "summary.json", run.summary(step))
+                run.write_summary(step)
             print(f"step {step}  val miou {result['miou']:.4f}  pixel_acc "
                   f"{result['pixel_acc']:.4f}  loss {result['loss']:.4f}", flush=True)
-        if step % t.checkpoint_every == 0 or step == steps:
+        if save_now:
             with clock.paused():
                 run.train_time, run.wall_time = clock.train_time(), clock.wall_time()
-                checkpoint.save(workdir / "checkpoints", step, {
-                    "step": step, "state": state._asdict(), "rng": rng_state(),
-                    "train_time": run.train_time, "wall_time": run.wall_time,
-                    "best": run.best, "last": run.last,
-                    "window": {"loss_sum": loss_sum, "steps": window}}, keep=t.keep_checkpoints)
-                writers.write_json(workdir / "summary.json", run.summary(step))
+                save_checkpoint(run, state, step, window, world)
 
     result = run.record_eval(steps, "test", evaluate(eval_step, state, splits["test"], cfg,
-                                                     device))
+                                                     device, world))
     run.wall_time = clock.wall_time()
-    writers.write_json(workdir / "summary.json", run.summary(steps))
+    run.write_summary(steps)
     print(f"test miou {result['miou']:.4f}  pixel_acc {result['pixel_acc']:.4f}  "
           f"wall {run.wall_time:.0f}s  -> {workdir}", flush=True)
     return run.summary(steps)
+
+
+def save_checkpoint(run: Run, state, step: int, window: Window, world: World) -> None:
+    """Everything an exact resume needs: the train state, every rank's RNG, the data position,
+    the log window, times and best/last evals."""
+    rngs = rng_states(run.device, world)  # a collective: before the rank-0-only part
+    if not world.writes:
+        return
+    checkpoint.save(run.workdir / "checkpoints", step, {
+        "step": step, "state": state._asdict(), "rng": rngs, "data": {"step": step},
+        "train_time": run.train_time, "wall_time": run.wall_time,
+        "best": run.best, "last": run.last, "window": window.state()},
+        keep=run.cfg.train.keep_checkpoints)
+    run.write_summary(step)
+
+
+def all_finite(state) -> bool:
+    """Whether every floating-point tensor of the train state is finite: one sync."""
+    tree = (state.params, state.buffers, state.opt_state)
+    flags = [torch.isfinite(t).all() for t in _leaves(tree) if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _leaves(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (dict, list, tuple)):
+        for x in (tree.values() if isinstance(tree, dict) else tree):
+            yield from _leaves(x)
+
+
+def nonfinite_error(what: str, step: int, workdir: Path, mode: str) -> NonFiniteError:
+    last = checkpoint.latest(workdir / "checkpoints")
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+    return NonFiniteError(f"non-finite {what} at step {step} (train.nonfinite={mode!r}); {kept}")
+
+
+class Window:
+    """The train log window between two log lines, on the device: the sum of the finite losses,
+    the number of non-finite (skipped) steps, and the first step whose loss was not finite."""
+
+    def __init__(self, device: torch.device, saved: dict | None = None):
+        self.loss_sum = torch.zeros((), device=device)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.steps = 0
+        self._first_bad = torch.zeros((), dtype=torch.int64, device=device)  # 0: none
+        if saved is not None:
+            self.loss_sum, self.skipped, self.steps = (saved["loss_sum"], saved["skipped"],
+                                                       saved["steps"])
+
+    def add(self, step: torch.Tensor, metrics: dict) -> None:
+        finite = metrics["finite"]
+        self.loss_sum += torch.where(finite, metrics["loss"], 0.0)
+        self.skipped += ~finite
+        self._first_bad = torch.where(~finite & (self._first_bad == 0), step, self._first_bad)
+        self.steps += 1
+
+    def first_bad_step(self) -> int:
+        return int(self._first_bad)
+
+    def read(self) -> tuple[float, int]:
+        """(mean finite loss, NaN if none; skipped steps) in one host sync."""
+        loss_sum, skipped = torch.stack([self.loss_sum, self.skipped.to(self.loss_sum.dtype)]
+                                        ).tolist()
+        good = self.steps - int(skipped)
+        return (loss_sum / good if good else math.nan), int(skipped)
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.skipped.zero_()
+        self.steps = 0
+
+    def state(self) -> dict:
+        return {"loss_sum": self.loss_sum, "skipped": self.skipped, "steps": self.steps}
 
 
 class Clock:

@@ -1,8 +1,9 @@
 """Atomic save / restore of the train state.
 
-A checkpoint is written to a temporary file, flushed to disk and renamed, so a crash leaves
-either the old file or the new one, never half of one. The last `keep` are kept; restore walks
-back from the newest and skips (and reports) any that cannot be read.
+A checkpoint is written to a temporary file, flushed to disk and renamed (and the directory
+synced, so the rename itself survives a power cut), so a crash leaves either the old file or
+the new one, never half of one. The last `keep` are kept; restore walks back from the newest and
+skips (and reports, naming the file) any that cannot be read.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from seg import writers
 
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 
@@ -34,9 +37,16 @@ def save(directory: str | os.PathLike, step: int, payload: dict, keep: int = 3) 
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    writers.fsync_directory(directory)  # the new name is durable before the old files go
     for _, old in _list(directory)[:-keep]:
         old.unlink()
     return path
+
+
+def latest(directory: str | os.PathLike) -> Path | None:
+    """The newest checkpoint file, readable or not (for messages)."""
+    found = _list(Path(directory))
+    return found[-1][1] if found else None
 
 
 def restore(directory: str | os.PathLike, map_location="cpu") -> dict | None:

@@ -1,8 +1,13 @@
 """Process-level settings that scripts opt into at start-up; the library never calls these."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import os
+from typing import Iterator
+
+import torch
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt parameters, glibc's malloc.h
 
@@ -24,3 +29,29 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+    """torch.use_deterministic_algorithms, cuDNN's deterministic kernels without autotuning, and
+    the cuBLAS workspace setting that deterministic cuBLAS needs, for the duration; the previous
+    settings come back afterwards. Enter it before the first CUDA matmul: cuBLAS reads
+    CUBLAS_WORKSPACE_CONFIG when it creates its handle. enabled=False changes nothing.
+
+    warn_only: an op with no deterministic CUDA kernel (the backward of bilinear upsampling,
+    which PSPNet / DeepLabV3 use) warns instead of stopping the run."""
+    if not enabled:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), cudnn.deterministic,
+             cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]

@@ -16,6 +16,7 @@ from seg.functional import Buffers, Params
 from seg.optim import Optimizer, Schedule
 
 Batch = tuple[Tensor, Tensor]  # (images float (B,3,H,W), masks int64 (B,H,W))
+GradReduce = Callable[[Params, Tensor], tuple[Params, Tensor]]
 
 
 class TrainState(NamedTuple):
@@ -35,7 +36,8 @@ def init_state(params: Params, buffers: Buffers, optimizer: Optimizer, trainable
 def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, schedule: Schedule,
                     *, trainable: Iterable[str], frozen_modules: Iterable[str] = (),
                     aux_weight: float = 0.0, grad_impl: str = "auto",
-                    compile: bool | str = False, donate: bool = False
+                    compile: bool | str = False, donate: bool = False,
+                    grad_reduce: GradReduce | None = None, skip_nonfinite: bool = False
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds the train step.
 
@@ -48,6 +50,12 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
     a string names the backend (default inductor; tests use "aot_eager" to check graph capture).
     donate: the step may reuse the input state's storage for the output state (see
     `Optimizer`); for loops that never look at an old state again. Same numbers.
+    grad_reduce: `(grads, loss) -> (grads, loss)` applied before the optimizer update, e.g.
+    seg.distributed.make_grad_reduce's average over the data-parallel ranks.
+    skip_nonfinite: when the (reduced) loss is NaN or infinite, the step returns the input's
+    params, buffers and optimizer state (selected with torch.where on a device flag: no host
+    sync) and only the step counter advances. It needs the old state, so it turns `donate` off.
+    Either way metrics["finite"] is that flag, for the caller to read when it syncs anyway.
     """
     trainable, trainable_set = tuple(trainable), frozenset(trainable)
     frozen_modules = tuple(frozen_modules)
@@ -79,10 +87,17 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
                 loss, new_buffers = loss_of(leaves)
                 grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
             loss = loss.detach()
+        if grad_reduce is not None:
+            grads, loss = grad_reduce(grads, loss)
+        finite = torch.isfinite(loss)
         new_params, opt_state = optimizer.update(grads, state.opt_state, train_params,
-                                                 donate=donate)
+                                                 donate=donate and not skip_nonfinite)
         params = {k: new_params.get(k, v) for k, v in state.params.items()}
-        out_metrics = {"loss": loss, "lr": schedule(state.step)}
+        if skip_nonfinite:
+            params, new_buffers, opt_state = _select(
+                finite, (params, new_buffers, opt_state),
+                (state.params, state.buffers, state.opt_state))
+        out_metrics = {"loss": loss, "lr": schedule(state.step), "finite": finite}
         return TrainState(state.step + 1, params, new_buffers, opt_state), out_metrics
 
     core = _compiled(step, compile)
@@ -92,6 +107,15 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
         return core(state, batch)
 
     return train_step
+
+
+def _select(flag: Tensor, new: Any, old: Any) -> Any:
+    """torch.where(flag, new, old) over matching trees of dicts / tuples of tensors."""
+    if isinstance(new, dict):
+        return {k: _select(flag, v, old[k]) for k, v in new.items()}
+    if isinstance(new, (tuple, list)):
+        return type(new)(_select(flag, a, b) for a, b in zip(new, old))
+    return torch.where(flag, new, old)
 
 
 def make_eval_step(model: nn.Module, loss_fn: Callable, num_classes: int, *,
@@ -124,9 +148,13 @@ def _compiled(fn: Callable, compile: bool | str) -> Callable:
                          backend=compile if isinstance(compile, str) else "inductor")
 
 
-def evaluate(eval_step: Callable, params: Params, buffers: Buffers, batches: Iterable[Batch]
-             ) -> dict:
-    """Runs a whole split; accumulates on device and reads the host once at the end."""
+def evaluate(eval_step: Callable, params: Params, buffers: Buffers, batches: Iterable[Batch],
+             reduce: Callable[[list[Tensor]], list[Tensor]] | None = None) -> dict:
+    """Runs a whole split; accumulates on device and reads the host once at the end.
+
+    reduce: sums the totals over the ranks that each ran a shard of the split (e.g.
+    seg.distributed.sum_across), so the metrics are those of the whole split.
+    """
     total, images = None, 0
     for batch in batches:
         out = eval_step(params, buffers, batch)
@@ -134,7 +162,12 @@ def evaluate(eval_step: Callable, params: Params, buffers: Buffers, batches: Ite
         images += batch[0].shape[0]  # known on the host: no device counter needed
     if total is None:
         raise ValueError("evaluate() got no batches: the split is empty")
-    result = metrics.scores(total["confusion"].cpu())
-    result["loss"] = total["loss_sum"].item() / images
-    result["confusion_matrix"] = total["confusion"].cpu().tolist()
+    confusion, loss_sum = total["confusion"], total["loss_sum"]
+    if reduce is not None:
+        count = torch.tensor(images, dtype=torch.int64, device=confusion.device)
+        confusion, loss_sum, count = reduce([confusion, loss_sum, count])
+        images = int(count)
+    result = metrics.scores(confusion.cpu())
+    result["loss"] = loss_sum.item() / images
+    result["confusion_matrix"] = confusion.cpu().tolist()
     return result

@@ -25,12 +25,35 @@ def to_jsonable(x: Any) -> Any:
     return x
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomic: readers see the old file or the new one, never a partial one."""
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Makes a rename or a new file in directory `path` survive a power cut, not only a crash
+    of the process (POSIX; a no-op where directories cannot be opened, e.g. on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_atomically(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to a temporary file, syncs it and renames it over `path`: readers and a
+    restarted run see the old file or the new one, never a partial one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomic: readers see the old file or the new one, never a partial one."""
+    replace_atomically(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
 class MetricsLog:
@@ -44,13 +67,20 @@ class MetricsLog:
             raise ValueError(f"a metrics record needs 'step' and a split in train/val/test: "
                              f"{sorted(record)}")
         line = json.dumps(to_jsonable(record), allow_nan=False)
+        created = not self.path.exists()
+        # One write call of a whole line: a crash leaves at most a torn last line, which
+        # truncate_after drops on resume.
         with open(self.path, "a") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if created:
+            fsync_directory(self.path.parent)
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: keep the records up to `step`; drop later ones and any torn last line."""
+    def truncate_after(self, step: int, redo_splits: tuple[str, ...] = ()) -> None:
+        """On resume: keep the records up to `step`; drop later ones, any torn last line, and
+        the records of `redo_splits` (those the resumed run writes again whatever the step,
+        e.g. the final test evaluation)."""
         if not self.path.exists():
             return
         kept = []
@@ -59,11 +89,9 @@ class MetricsLog:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record.get("step", math.inf) <= step:
+            if record.get("step", math.inf) <= step and record.get("split") not in redo_splits:
                 kept.append(line)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        replace_atomically(self.path, "".join(line + "\n" for line in kept))
 
     def read(self) -> list[dict]:
         if not self.path.exists():

@@ -17,3 +17,32 @@ def _randomise_bn(module: nn.Module) -> None:
 @pytest.fixture(scope="session")
 def randomise_bn():
     return _randomise_bn
+
+
+@pytest.fixture(scope="session")
+def train_script():
+    """experiments/train.py as a module, for tests that call run() / main() in-process (loaded
+    once per process: it defines absl flags)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "train_script" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "experiments" / "train.py"
+        spec = importlib.util.spec_from_file_location("train_script", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["train_script"] = module
+    return sys.modules["train_script"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """In-process training on one thread: two OpenMP threads on a busy 2-core machine spin
+    against each other and run 50x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

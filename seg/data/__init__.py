@@ -10,7 +10,7 @@ from __future__ import annotations
 from seg.data import folder, pets, reading, storage, voc
 from seg.data.dataset import DatasetInfo, SegDataset
 from seg.data.reading import DataError
-from seg.data.synthetic import IGNORE_INDEX, generate
+from seg.data.synthetic import CLASS_NAMES, IGNORE_INDEX, generate
 
 SPLITS = ("train", "val", "test")
 READERS = {"folder": folder.open_folder, "camvid": folder.open_camvid, "voc": voc.open_voc,
@@ -39,6 +39,9 @@ def _synthetic(data_cfg, split: str):
     if data_cfg.get("storage", "raw") != "raw":
         raise ValueError(f"data.storage={data_cfg.storage!r} caches datasets read from files; "
                          f"data.name='synthetic' is generated in memory: use data.storage='raw'")
+    if not 2 <= data_cfg.num_classes <= len(CLASS_NAMES):
+        raise ValueError(f"data.num_classes={data_cfg.num_classes} but data.name='synthetic' has "
+                         f"{len(CLASS_NAMES)} classes (2 to {len(CLASS_NAMES)} can be used)")
     sizes = {"train": data_cfg.num_train, "val": data_cfg.num_val, "test": data_cfg.num_test}
     return generate(split, sizes[split], image_size=data_cfg.image_size,
                     num_classes=data_cfg.num_classes, seed=data_cfg.seed)

@@ -4,6 +4,9 @@ The batch of global step s is a pure function of (data, batch_size, seed, s): po
 [s*B, (s+1)*B) of the concatenated per-epoch permutations (each epoch drops its last partial
 batch), with per-sample horizontal flips drawn from a generator seeded by (seed, s). A run
 resumed at step k therefore sees exactly the batches the uninterrupted run would have seen.
+
+Data parallel: batch sizes are global. Rank r of world_size ranks gets the r-th contiguous
+slice of each global batch, so the ranks together see exactly the single-process batches.
 """
 from __future__ import annotations
 
@@ -18,13 +21,20 @@ Batch = tuple[Tensor, Tensor]   # (images float32 (B,3,H,W) normalised, masks in
 
 
 def train_batches(data: SegmentationData, batch_size: int, seed: int, start_step: int = 0,
-                  device="cpu", hflip: bool = True) -> Iterator[Batch]:
-    """Endless iterator over full training batches, starting at global step `start_step`."""
+                  device="cpu", hflip: bool = True, rank: int = 0, world_size: int = 1
+                  ) -> Iterator[Batch]:
+    """Endless iterator over full training batches, starting at global step `start_step`:
+    this rank's batch_size // world_size samples of each global batch."""
     n = data.images.shape[0]
     if not 1 <= batch_size <= n:
         raise ValueError(f"batch_size={batch_size} must be in [1, {n}] (the split's size)")
     if start_step < 0:
         raise ValueError(f"start_step={start_step} must be >= 0")
+    _check_rank(rank, world_size)
+    if batch_size % world_size:
+        raise ValueError(f"batch_size={batch_size} is not divisible by the world size "
+                         f"{world_size}")
+    mine = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
     device = torch.device(device)
     mean, std = _stats_on(data, device)
     steps_per_epoch = n // batch_size
@@ -34,26 +44,46 @@ def train_batches(data: SegmentationData, batch_size: int, seed: int, start_step
         e, i = divmod(step, steps_per_epoch)
         if e != epoch:
             epoch, order = e, torch.randperm(n, generator=seeded_generator("epoch", seed, e))
-        index = order[i * batch_size:(i + 1) * batch_size]
+        index = order[i * batch_size:(i + 1) * batch_size][mine]
         images = _to_device(data.images[index], device)
         masks = _to_device(data.masks[index], device)
         if hflip:
+            # drawn for the whole global batch, so a sample's flip does not depend on the rank
             flip = torch.rand(batch_size, generator=seeded_generator("hflip", seed, step)) < 0.5
-            images, masks = _flip_where(_to_device(flip, device), images, masks)
+            images, masks = _flip_where(_to_device(flip[mine], device), images, masks)
         yield normalize(images, mean, std), masks.long()
         step += 1
 
 
-def eval_batches(data: SegmentationData, batch_size: int, device="cpu") -> Iterator[Batch]:
-    """Every image once, in order, without augmentation; the last batch may be smaller."""
+def eval_batches(data: SegmentationData, batch_size: int, device="cpu", rank: int = 0,
+                 world_size: int = 1) -> Iterator[Batch]:
+    """Every image once, in order, without augmentation; the last batch may be smaller.
+
+    With several ranks, each gets its contiguous slice of every global batch (slice sizes differ
+    by at most one); together they see every image once.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    _check_rank(rank, world_size)
+    n = data.images.shape[0]
+    if world_size > min(batch_size, n):
+        raise ValueError(f"eval batch_size={batch_size} and a split of {n} images cannot give "
+                         f"each of {world_size} ranks an image")
     device = torch.device(device)
     mean, std = _stats_on(data, device)
-    for start in range(0, data.images.shape[0], batch_size):
-        images = _to_device(data.images[start:start + batch_size], device)
-        masks = _to_device(data.masks[start:start + batch_size], device)
+    for start in range(0, n, batch_size):
+        size = min(batch_size, n - start)
+        lo, hi = start + rank * size // world_size, start + (rank + 1) * size // world_size
+        if lo == hi:  # a short last batch leaves some ranks out
+            continue
+        images = _to_device(data.images[lo:hi], device)
+        masks = _to_device(data.masks[lo:hi], device)
         yield normalize(images, mean, std), masks.long()
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
 
 
 def normalize(images_uint8: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor
