@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import ml_collections
@@ -9,6 +10,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from seg import data as data_lib
 from seg.data import pipeline, synthetic
+from seg.data.dataset import SegDataset
 from seg.data.synthetic import SegmentationData, generate, ignore_band
 
 SIZE = 48
@@ -155,7 +157,7 @@ def test_colour_probe_detects_a_colour_cue(colour_splits):
     def tinted(d):
         images = d.images.clone()
         images[:, 0][d.masks == 1] = 255
-        return d._replace(images=images)
+        return dataclasses.replace(d, images=images)
     fit, held_out = colour_splits
     assert _colour_lut_probe(tinted(fit), tinted(held_out), [1, 2]) > 0.75
 
@@ -199,6 +201,18 @@ def test_build_dispatches_to_synthetic(train3):
 def test_build_rejects_bad_config(overrides, split, match):
     with pytest.raises(ValueError, match=match):
         data_lib.build(_data_cfg(**overrides), split)
+
+
+def test_synthetic_split_is_a_seg_dataset(train3):
+    assert isinstance(train3, SegDataset) and len(train3) == 32
+    image, mask = train3.read(5)
+    assert torch.equal(image, train3.images[5]) and torch.equal(mask, train3.masks[5])
+    assert train3.source(5) == ""
+    info = train3.info
+    assert (info.name, info.class_names, info.ignore_index) == ("synthetic",
+                                                                synthetic.CLASS_NAMES[:3], 255)
+    assert (info.mean, info.std, info.num_classes) == (train3.mean, train3.std, 3)
+    assert len(info.palette) == 3 and len(set(info.palette)) == 3
 
 
 # ---------------------------------------------------------------- pipeline
