@@ -15,6 +15,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -26,7 +27,8 @@ from ml_collections import config_flags  # noqa: E402
 from seg import runtime  # noqa: E402
 from seg import checkpoint, data, functional, losses, models, optim, writers  # noqa: E402
 from seg import train as seg_train  # noqa: E402
-from seg.data import pipeline  # noqa: E402
+from seg.data import loader, transforms  # noqa: E402
+from seg.data.dataset import SegDataset  # noqa: E402
 from seg.models import weights  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
@@ -79,7 +81,7 @@ def validate(cfg) -> None:
 
 def build(cfg, device: torch.device):
     """config -> (datasets, model definition, params, buffers, optimizer, schedule, loss)."""
-    splits = {s: data.build(cfg.data, s) for s in ("train", "val", "test")}
+    splits = build_data(cfg.data)
     num_outputs = 1 if cfg.loss.name in losses.BINARY_LOSSES else cfg.data.num_classes
     model, params, buffers = functional.init(lambda: models.build(cfg.model, num_outputs),
                                              seed=cfg.seed, device=device)
@@ -94,6 +96,32 @@ def build(cfg, device: torch.device):
     optimizer, schedule = optim.build(cfg.optimizer, cfg.schedule, cfg.train.steps)
     loss_fn = losses.build(cfg.loss, cfg.data.num_classes)
     return splits, model, params, buffers, optimizer, schedule, loss_fn
+
+
+def build_data(data_cfg) -> dict:
+    """{"train", "val"[, "test"]: Split(dataset, transform)}; no test split when
+    data.test_split is ""."""
+    for field in ("train_split", "val_split"):
+        if not data_cfg[field]:
+            raise ConfigError(f"data.{field} is empty: training needs it")
+    names = {"train": data_cfg.train_split, "val": data_cfg.val_split,
+             "test": data_cfg.test_split}
+    splits = {}
+    for role, name in names.items():
+        if name:
+            dataset = data.build(data_cfg, name)
+            make = transforms.train_transform if role == "train" else transforms.eval_transform
+            splits[role] = Split(dataset, make(data_cfg, dataset.info))
+    info = splits["train"].dataset.info
+    if info.num_classes != data_cfg.num_classes:
+        raise ConfigError(f"data.num_classes={data_cfg.num_classes} but the {data_cfg.name} "
+                          f"dataset has {info.num_classes} classes ({', '.join(info.class_names)})")
+    return splits
+
+
+class Split(NamedTuple):
+    dataset: SegDataset
+    transform: Callable | None
 
 
 def load_weights(cfg, params, buffers):
@@ -185,8 +213,12 @@ def _rank(record: dict) -> float:
     return miou if miou is not None and miou == miou else -math.inf  # NaN/None never wins
 
 
-def evaluate(eval_step, state, split_data, cfg, device) -> dict:
-    batches = pipeline.eval_batches(split_data, cfg.train.eval_batch_size, device=device)
+def evaluate(eval_step, state, split: Split, stats, cfg, device) -> dict:
+    """stats: the train split's (mean, std), which every split is normalised with."""
+    d = cfg.data
+    batches = loader.eval_batches(split.dataset, split.transform, cfg.train.eval_batch_size,
+                                  device=device, workers=d.workers, pad_multiple=d.pad_multiple,
+                                  mean=stats[0], std=stats[1], prefetch=d.prefetch)
     return seg_train.evaluate(eval_step, state.params, state.buffers, batches)
 
 
@@ -222,7 +254,9 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
     state = seg_train.init_state(params, buffers, optimizer, trainable)
     model_info = {"name": cfg.model.name, "params": functional.count(params),
                   "trainable_params": sum(params[k].numel() for k in trainable)}
-    run = Run(workdir, cfg, device, model_info, splits["train"].class_names)
+    info = splits["train"].dataset.info
+    stats = (info.mean, info.std)
+    run = Run(workdir, cfg, device, model_info, info.class_names)
 
     saved = checkpoint.restore(workdir / "checkpoints", map_location=device)
     if saved is not None:
@@ -241,8 +275,9 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
     eval_step = seg_train.make_eval_step(model, loss_fn, cfg.data.num_classes,
                                          ignore_index=cfg.data.ignore_index,
                                          compile=cfg.train.compile)
-    batches = pipeline.train_batches(splits["train"], cfg.train.batch_size, cfg.seed,
-                                     start_step=start, device=device, hflip=cfg.data.hflip)
+    batches = loader.train_batches(*splits["train"], cfg.train.batch_size, cfg.seed,
+                                   start_step=start, device=device, workers=cfg.data.workers,
+                                   prefetch=cfg.data.prefetch)
 
     steps, t = cfg.train.steps, cfg.train
     clock = Clock(device, run.train_time, run.wall_time)
@@ -267,7 +302,7 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
         if step % t.eval_every == 0 or step == steps:
             with clock.paused():
                 result = run.record_eval(step, "val", evaluate(eval_step, state, splits["val"],
-                                                              cfg, device))
+                                                              stats, cfg, device))
                 run.train_time, run.wall_time = clock.train_time(), clock.wall_time()
                 writers.write_json(workdir / "summary.json", run.summary(step))
             print(f"step {step}  val miou {result['miou']:.4f}  pixel_acc "
@@ -282,12 +317,14 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
                     "window": {"loss_sum": loss_sum, "steps": window}}, keep=t.keep_checkpoints)
                 writers.write_json(workdir / "summary.json", run.summary(step))
 
-    result = run.record_eval(steps, "test", evaluate(eval_step, state, splits["test"], cfg,
-                                                     device))
+    del batches   # stops the loader's workers before the test split is read
+    if "test" in splits:
+        result = run.record_eval(steps, "test", evaluate(eval_step, state, splits["test"], stats,
+                                                         cfg, device))
+        print(f"test miou {result['miou']:.4f}  pixel_acc {result['pixel_acc']:.4f}", flush=True)
     run.wall_time = clock.wall_time()
     writers.write_json(workdir / "summary.json", run.summary(steps))
-    print(f"test miou {result['miou']:.4f}  pixel_acc {result['pixel_acc']:.4f}  "
-          f"wall {run.wall_time:.0f}s  -> {workdir}", flush=True)
+    print(f"wall {run.wall_time:.0f}s  -> {workdir}", flush=True)
     return run.summary(steps)
 
 
