@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -35,7 +35,8 @@ from seg import runtime  # noqa: E402
 from seg import checkpoint, data, distributed, functional, losses, models  # noqa: E402
 from seg import optim, writers  # noqa: E402
 from seg import train as seg_train  # noqa: E402
-from seg.data import pipeline  # noqa: E402
+from seg.data import loader, transforms  # noqa: E402
+from seg.data.dataset import SegDataset  # noqa: E402
 from seg.models import weights  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
@@ -137,7 +138,7 @@ def validate_crop(data_cfg) -> None:
 
 def build(cfg, device: torch.device):
     """config -> (datasets, model definition, params, buffers, optimizer, schedule, loss)."""
-    splits = {s: data.build(cfg.data, s) for s in ("train", "val", "test")}
+    splits = build_data(cfg.data)
     num_outputs = 1 if cfg.loss.name in losses.BINARY_LOSSES else cfg.data.num_classes
     model, params, buffers = functional.init(lambda: models.build(cfg.model, num_outputs),
                                              seed=cfg.seed, device=device)
@@ -152,6 +153,32 @@ def build(cfg, device: torch.device):
     optimizer, schedule = optim.build(cfg.optimizer, cfg.schedule, cfg.train.steps)
     loss_fn = losses.build(cfg.loss, cfg.data.num_classes)
     return splits, model, params, buffers, optimizer, schedule, loss_fn
+
+
+def build_data(data_cfg) -> dict:
+    """{"train", "val"[, "test"]: Split(dataset, transform)}; no test split when
+    data.test_split is ""."""
+    for field in ("train_split", "val_split"):
+        if not data_cfg[field]:
+            raise ConfigError(f"data.{field} is empty: training needs it")
+    names = {"train": data_cfg.train_split, "val": data_cfg.val_split,
+             "test": data_cfg.test_split}
+    splits = {}
+    for role, name in names.items():
+        if name:
+            dataset = data.build(data_cfg, name)
+            make = transforms.train_transform if role == "train" else transforms.eval_transform
+            splits[role] = Split(dataset, make(data_cfg, dataset.info))
+    info = splits["train"].dataset.info
+    if info.num_classes != data_cfg.num_classes:
+        raise ConfigError(f"data.num_classes={data_cfg.num_classes} but the {data_cfg.name} "
+                          f"dataset has {info.num_classes} classes ({', '.join(info.class_names)})")
+    return splits
+
+
+class Split(NamedTuple):
+    dataset: SegDataset
+    transform: Callable | None
 
 
 def load_weights(cfg, params, buffers):
@@ -259,11 +286,15 @@ def _rank(record: dict) -> float:
     return miou if miou is not None and miou == miou else -math.inf  # NaN/None never wins
 
 
-def evaluate(eval_step, state, split_data, cfg, device, world: World) -> dict:
-    """The metrics of a whole split; with several ranks each runs its shard and the confusion
-    matrices are summed, so the numbers are the single-process ones."""
-    batches = pipeline.eval_batches(split_data, cfg.train.eval_batch_size, device=device,
-                                    rank=world.rank, world_size=world.size)
+def evaluate(eval_step, state, split: Split, stats, cfg, device, world: World) -> dict:
+    """The metrics of a whole split, normalised with the train split's stats; with several
+    ranks each runs its shard and the confusion matrices are summed, so the numbers are the
+    single-process ones."""
+    d = cfg.data
+    batches = loader.eval_batches(split.dataset, split.transform, cfg.train.eval_batch_size,
+                                  device=device, workers=d.workers, pad_multiple=d.pad_multiple,
+                                  rank=world.rank, world_size=world.size,
+                                  mean=stats[0], std=stats[1], prefetch=d.prefetch)
     reduce = functools.partial(distributed.sum_across, group=world.group) if world.size > 1 \
         else None
     return seg_train.evaluate(eval_step, state.params, state.buffers, batches, reduce=reduce)
@@ -323,7 +354,9 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
     state = seg_train.init_state(params, buffers, optimizer, trainable)
     model_info = {"name": cfg.model.name, "params": functional.count(params),
                   "trainable_params": sum(params[k].numel() for k in trainable)}
-    run = Run(workdir, cfg, device, model_info, splits["train"].class_names, world)
+    info = splits["train"].dataset.info
+    stats = (info.mean, info.std)
+    run = Run(workdir, cfg, device, model_info, info.class_names, world)
 
     saved = checkpoint.restore(workdir / "checkpoints", map_location=device)
     start = 0
@@ -349,9 +382,10 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
                                          ignore_index=cfg.data.ignore_index,
                                          compile=cfg.train.compile)
     # Batches are a pure function of the global step: the data position is that step.
-    batches = pipeline.train_batches(splits["train"], cfg.train.batch_size, cfg.seed,
-                                     start_step=start, device=device, hflip=cfg.data.hflip,
-                                     rank=world.rank, world_size=world.size)
+    batches = loader.train_batches(*splits["train"], cfg.train.batch_size, cfg.seed,
+                                   start_step=start, device=device, workers=cfg.data.workers,
+                                   prefetch=cfg.data.prefetch, rank=world.rank,
+                                   world_size=world.size)
 
     steps, t = cfg.train.steps, cfg.train
     clock = Clock(device, run.train_time, run.wall_time)
@@ -392,7 +426,7 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
         if eval_now:
             with clock.paused():
                 result = run.record_eval(step, "val", evaluate(eval_step, state, splits["val"],
-                                                              cfg, device, world))
+                                                              stats, cfg, device, world))
                 run.train_time, run.wall_time = clock.train_time(), clock.wall_time()
                 run.write_summary(step)
             print(f"step {step}  val miou {result['miou']:.4f}  pixel_acc "
@@ -402,12 +436,14 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
                 run.train_time, run.wall_time = clock.train_time(), clock.wall_time()
                 save_checkpoint(run, state, step, window, world)
 
-    result = run.record_eval(steps, "test", evaluate(eval_step, state, splits["test"], cfg,
-                                                     device, world))
+    del batches   # stops the loader's workers before the test split is read
+    if "test" in splits:
+        result = run.record_eval(steps, "test", evaluate(eval_step, state, splits["test"], stats,
+                                                         cfg, device, world))
+        print(f"test miou {result['miou']:.4f}  pixel_acc {result['pixel_acc']:.4f}", flush=True)
     run.wall_time = clock.wall_time()
     run.write_summary(steps)
-    print(f"test miou {result['miou']:.4f}  pixel_acc {result['pixel_acc']:.4f}  "
-          f"wall {run.wall_time:.0f}s  -> {workdir}", flush=True)
+    print(f"wall {run.wall_time:.0f}s  -> {workdir}", flush=True)
     return run.summary(steps)
 
 

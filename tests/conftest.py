@@ -1,6 +1,9 @@
 """Shared test helpers."""
 import pytest
+import torch
 import torch.nn as nn
+
+from seg.data.dataset import DatasetInfo, SegDataset
 
 
 def _randomise_bn(module: nn.Module) -> None:
@@ -46,3 +49,44 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- data: colour-coded samples
+
+PALETTE = torch.tensor([[230, 20, 20], [20, 230, 20], [20, 20, 230], [230, 230, 20]],
+                       dtype=torch.uint8)   # far apart: blends never pass for another class
+IGNORE_COLOUR = (128, 128, 128)
+
+
+class ListDataset(SegDataset):
+    """A split held as a list of (image, mask) pairs of any sizes."""
+
+    def __init__(self, pairs, info: DatasetInfo):
+        self.pairs, self.info = list(pairs), info
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def read(self, i):
+        return self.pairs[i]
+
+    def source(self, i):
+        return f"pair{i}"
+
+
+def palette_coded(masks, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)) -> ListDataset:
+    """Images whose pixel colour is PALETTE[label] (IGNORE_COLOUR where ignored)."""
+    info = DatasetInfo("palette", tuple(f"c{k}" for k in range(len(PALETTE))), 255, mean, std)
+    return ListDataset([(colour_of(m), m) for m in masks], info)
+
+
+def colour_of(mask):
+    table = torch.tensor(IGNORE_COLOUR, dtype=torch.uint8).repeat(256, 1)
+    table[:len(PALETTE)] = PALETTE
+    return table[mask.long()].permute(2, 0, 1).contiguous()
+
+
+def decode(image):
+    """uint8 (..., 3, H, W) -> (..., H, W) index of the nearest palette colour."""
+    d = image.movedim(-3, -1)[..., None, :].float() - PALETTE.float()
+    return (d * d).sum(-1).argmin(-1)

@@ -1,14 +1,15 @@
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import ml_collections
 import pytest
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from seg import data as data_lib
-from seg.data import pipeline, synthetic
+from seg.data import synthetic
+from seg.data.dataset import SegDataset
 from seg.data.synthetic import SegmentationData, generate, ignore_band
 
 SIZE = 48
@@ -155,7 +156,7 @@ def test_colour_probe_detects_a_colour_cue(colour_splits):
     def tinted(d):
         images = d.images.clone()
         images[:, 0][d.masks == 1] = 255
-        return d._replace(images=images)
+        return dataclasses.replace(d, images=images)
     fit, held_out = colour_splits
     assert _colour_lut_probe(tinted(fit), tinted(held_out), [1, 2]) > 0.75
 
@@ -201,90 +202,13 @@ def test_build_rejects_bad_config(overrides, split, match):
         data_lib.build(_data_cfg(**overrides), split)
 
 
-# ---------------------------------------------------------------- pipeline
-
-def _indexed_data(n=10, h=4, w=16) -> SegmentationData:
-    """Channel 0 = 10 * column, channel 1 = image index; mask = column % 3 (255 on row 0).
-    Identity normalisation, so batches decode back to the uint8 values."""
-    x = torch.arange(w, dtype=torch.uint8)
-    images = torch.zeros(n, 3, h, w, dtype=torch.uint8)
-    images[:, 0] = 10 * x
-    images[:, 1] = torch.arange(n, dtype=torch.uint8).view(n, 1, 1)
-    masks = (x % 3).expand(n, h, w).clone()
-    masks[:, 0] = 255
-    return SegmentationData(images, masks, ("a", "b", "c"), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 255)
-
-
-def _decode(images):
-    return (images * 255).round().to(torch.uint8)
-
-
-def test_batches_have_the_right_types_and_keep_the_ignore_label():
-    images, masks = next(pipeline.train_batches(_indexed_data(), 4, seed=0))
-    assert images.dtype == torch.float32 and images.shape == (4, 3, 4, 16)
-    assert masks.dtype == torch.int64 and masks.shape == (4, 4, 16)
-    assert (masks[:, 0] == 255).all()
-
-
-def test_each_epoch_visits_every_image_once_in_a_new_order():
-    d = _indexed_data(n=10)
-    batches = itertools.islice(pipeline.train_batches(d, 3, seed=0, hflip=False), 12)
-    ids = torch.stack([_decode(images)[:, 1, 0, 0] for images, _ in batches]).view(4, 9)
-    for epoch in ids:     # 3 full batches per epoch; the 10th image is dropped
-        assert len(set(epoch.tolist())) == 9
-    assert len({tuple(epoch.tolist()) for epoch in ids}) == 4
-    assert len({tuple(sorted(epoch.tolist())) for epoch in ids}) > 1   # the dropped one varies
-
-
-def test_resumed_iterator_yields_the_same_batches():
-    d = _indexed_data()
-    torch.manual_seed(0)
-    full = list(itertools.islice(pipeline.train_batches(d, 4, seed=7), 9))
-    torch.manual_seed(1)    # the global RNG must play no part
-    resumed = list(itertools.islice(pipeline.train_batches(d, 4, seed=7, start_step=5), 4))
-    for (a, b), (c, e) in zip(full[5:], resumed):
-        assert torch.equal(a, c) and torch.equal(b, e)
-    other = next(pipeline.train_batches(d, 4, seed=8, start_step=5))
-    assert not torch.equal(other[0], full[5][0])
-
-
-def test_flips_keep_image_and_mask_aligned():
-    d = _indexed_data()
-    flipped = 0
-    for images, masks in itertools.islice(pipeline.train_batches(d, 5, seed=0), 20):
-        column = _decode(images)[:, 0].long() // 10            # (B, H, W) source column
-        assert torch.equal(masks[:, 1:], column[:, 1:] % 3)
-        assert (masks[:, 0] == 255).all()
-        mirrored = column[:, 0, 0] == 15
-        assert torch.equal(column, torch.where(mirrored.view(-1, 1, 1), 15 - torch.arange(16),
-                                               torch.arange(16)).expand_as(column))
-        flipped += int(mirrored.sum())
-    assert 25 <= flipped <= 75     # about half of 100 samples
-    no_flip = pipeline.train_batches(d, 5, seed=0, hflip=False)
-    assert all((_decode(images)[:, 0, 0, 0] == 0).all() for images, _ in itertools.islice(no_flip, 5))
-
-
-def test_eval_batches_cover_the_split_in_order(train3):
-    batches = list(pipeline.eval_batches(train3, 10))
-    assert [len(m) for _, m in batches] == [10, 10, 10, 2]
-    images = torch.cat([i for i, _ in batches])
-    masks = torch.cat([m for _, m in batches])
-    assert torch.equal(images, pipeline.normalize(train3.images, train3.mean, train3.std))
-    assert torch.equal(masks, train3.masks.long())
-
-
-def test_normalize_matches_torchvision(train3):
-    expected = TF.normalize(TF.to_dtype(train3.images, torch.float32, scale=True),
-                            list(train3.mean), list(train3.std))
-    got = pipeline.normalize(train3.images, train3.mean, train3.std)
-    assert got.dtype == torch.float32
-    assert torch.equal(got, expected)     # same operations in the same order: bitwise equal
-
-
-def test_pipeline_rejects_bad_arguments(train3):
-    with pytest.raises(ValueError, match="batch_size=33"):
-        next(pipeline.train_batches(train3, 33, seed=0))
-    with pytest.raises(ValueError, match="start_step=-1"):
-        next(pipeline.train_batches(train3, 4, seed=0, start_step=-1))
-    with pytest.raises(ValueError, match="images_uint8.dtype=torch.float32"):
-        pipeline.normalize(train3.images.float(), train3.mean, train3.std)
+def test_synthetic_split_is_a_seg_dataset(train3):
+    assert isinstance(train3, SegDataset) and len(train3) == 32
+    image, mask = train3.read(5)
+    assert torch.equal(image, train3.images[5]) and torch.equal(mask, train3.masks[5])
+    assert train3.source(5) == ""
+    info = train3.info
+    assert (info.name, info.class_names, info.ignore_index) == ("synthetic",
+                                                                synthetic.CLASS_NAMES[:3], 255)
+    assert (info.mean, info.std, info.num_classes) == (train3.mean, train3.std, 3)
+    assert len(info.palette) == 3 and len(set(info.palette)) == 3

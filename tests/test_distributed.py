@@ -16,7 +16,7 @@ from torch import nn
 
 from seg import checkpoint, distributed, functional, losses, models, optim
 from seg import train as seg_train
-from seg.data import pipeline, synthetic
+from seg.data import loader, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,37 +38,9 @@ def test_world_info_reads_torchrun_variables():
         distributed.world_info({"WORLD_SIZE": "two"})
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_rank_batches_are_contiguous_slices_of_the_global_batch(data, world_size):
-    whole = pipeline.train_batches(data, 8, seed=1, start_step=1)
-    ranks = [pipeline.train_batches(data, 8, seed=1, start_step=1, rank=r,
-                                    world_size=world_size) for r in range(world_size)]
-    for _ in range(3):  # crosses an epoch boundary (12 images, batches of 8)
-        images, masks = next(whole)
-        parts = [next(it) for it in ranks]
-        assert all(p[0].shape[0] == 8 // world_size for p in parts)
-        assert torch.equal(torch.cat([p[0] for p in parts]), images)
-        assert torch.equal(torch.cat([p[1] for p in parts]), masks)
-
-
-def test_global_batch_must_divide_among_the_ranks(data):
-    with pytest.raises(ValueError, match="batch_size=6 is not divisible by the world size 4"):
-        next(pipeline.train_batches(data, 6, seed=0, rank=0, world_size=4))
-    with pytest.raises(ValueError, match="rank=2"):
-        next(pipeline.train_batches(data, 6, seed=0, rank=2, world_size=2))
-
-
-def test_eval_shards_cover_the_split_once_in_order(data):
-    whole = torch.cat([m for _, m in pipeline.eval_batches(data, 5)])
-    shards = [[m for _, m in pipeline.eval_batches(data, 5, rank=r, world_size=3)]
-              for r in range(3)]
-    # batches of 5, 5, 2 images: rank slices 1+2+2, 1+2+2 and 0+1+1 (rank 0 sits the last out)
-    assert [[m.shape[0] for m in s] for s in shards] == [[1, 1], [2, 2, 1], [2, 2, 1]]
-    interleaved = [shards[r][i] for i in range(2) for r in range(3)] + \
-        [shards[1][2], shards[2][2]]
-    assert torch.equal(torch.cat(interleaved), whole)
-    with pytest.raises(ValueError, match="cannot give each of 6 ranks an image"):
-        next(pipeline.eval_batches(data, 5, world_size=6, rank=0))
+def test_eval_needs_an_image_per_rank(data):
+    with pytest.raises(ValueError, match="12 images cannot give each of 13 ranks one"):
+        next(loader.eval_batches(data, None, 5, world_size=13, rank=0))
 
 
 # ---------------------------------------------------------------- SyncBatchNorm2d, one rank
@@ -205,7 +177,7 @@ def test_script_val_metrics_equal_a_single_process_eval_of_its_checkpoint(torchr
     val = synthetic.generate("val", 8, 32, num_classes=3, seed=0)
     state = saved["state"]
     result = seg_train.evaluate(eval_step, state["params"], state["buffers"],
-                                pipeline.eval_batches(val, 8))
+                                loader.eval_batches(val, None, 8))
     record = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
               if '"val"' in line][-1]
     assert record["confusion_matrix"] == result["confusion_matrix"]

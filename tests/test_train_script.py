@@ -99,6 +99,7 @@ def test_misspelt_override_is_one_line_error(tmp_path):
     ("--config.loss.name=bce", "loss.name"),
     ("--config.optimizer.name=lamb", "optimizer.name"),
     ("--config.train.freeze=('encoder',)", "train.freeze"),
+    ("--config.data.scale_range=(2.0,0.5)", "data.scale_range"),
 ])
 def test_bad_config_values_are_one_line_errors(tmp_path, override, field):
     proc = train(tmp_path / "w", override, check=False)
@@ -115,3 +116,14 @@ def test_resuming_with_another_config_is_refused(finished_run, tmp_path):
     proc = train(other, "--config.optimizer.lr=0.5", check=False)
     assert proc.returncode != 0 and "optimizer.lr" in proc.stderr
     assert (other / "metrics.jsonl").read_text() == before  # nothing already written is lost
+
+
+def test_augmented_run_with_workers_and_no_test_split(tmp_path):
+    workdir = tmp_path / "w"
+    train(workdir, "--config.data.test_split=", "--config.data.workers=1",
+          "--config.data.crop_size=(24,24)", "--config.data.scale_range=(0.5,2.0)",
+          "--config.data.perspective=0.2", "--config.train.steps=3")
+    records = read_jsonl(workdir / "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in records] == [(2, "train"), (3, "train"), (3, "val")]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert set(summary["last_eval"]) == {"val"}

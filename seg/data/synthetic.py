@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seg.data.dataset import DatasetInfo, SegDataset
+
 IGNORE_INDEX = 255
 SPLITS = ("train", "val", "test")
 CLASS_NAMES = ("background", "striped_blob", "patterned_polygon", "blotched_ring", "chevron_cross")
+# for pictures only: the images' own colours carry no class information
+PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200))
 
 _CHUNK = 32              # images per generator; a constant so that splits are prefix-stable
 _MAX_OBJECTS = 4
@@ -31,8 +35,9 @@ _STATS_IMAGES = 256      # train images the normalisation statistics are measure
 _TWO_PI = 2 * math.pi
 
 
-class SegmentationData(NamedTuple):
-    """A whole split held in memory."""
+@dataclass(frozen=True, eq=False)   # eq on tensors would be ambiguous; identity is enough
+class SegmentationData(SegDataset):
+    """A whole split held in memory; a SegDataset (read(i) returns views, no copies)."""
     images: Tensor                      # (N, 3, H, W) uint8
     masks: Tensor                       # (N, H, W) uint8 class indices, ignore_index on borders
     class_names: tuple[str, ...]
@@ -40,11 +45,28 @@ class SegmentationData(NamedTuple):
     std: tuple[float, float, float]
     ignore_index: int
 
+    @property
+    def info(self) -> DatasetInfo:
+        return DatasetInfo("synthetic", tuple(self.class_names), self.ignore_index,
+                           tuple(self.mean), tuple(self.std),
+                           PALETTE[:len(self.class_names)])
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def read(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.images[i], self.masks[i]
+
+
+def stable_seed(*parts) -> int:
+    """A 63-bit seed from a tuple of ints/strings; stable across processes (no hash())."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
 
 def seeded_generator(*parts) -> torch.Generator:
-    """A CPU generator seeded from a tuple of ints/strings; stable across processes (no hash())."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    """A CPU generator seeded with stable_seed(*parts)."""
+    return torch.Generator().manual_seed(stable_seed(*parts))
 
 
 def generate(split: str, num_images: int, image_size: int | tuple[int, int] = 64,

@@ -1,0 +1,92 @@
+"""Input-pipeline benchmark: images/s of seg.data.loader.train_batches alone (no model).
+
+  python experiments/loader_bench.py                      # CamVid 360x480, full train augmentation
+  python experiments/loader_bench.py --config=configs/pspnet.py --out=loader.json
+  python experiments/loader_bench.py --config=configs/unet.py:camvid --workers=0,2,4
+
+Without --config it builds the CamVid case from the base config: data.name=folder at --root,
+crop (360, 480), scale 0.5-2.0, flips, colour jitter 0.4. For each worker count it times
+--steps batches after --warmup untimed ones (worker start-up, page cache), reading, decoding,
+augmenting, collating, copying to --device and normalising. Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import torch  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from configs import common  # noqa: E402
+from seg import data, writers  # noqa: E402
+from seg.data import loader, transforms  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file; default: CamVid (above).")
+_ROOT = flags.DEFINE_string("root", "/work/shared/datasets/camvid", "CamVid folder (no --config).")
+_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "DataLoader worker counts to time.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed batches per worker count.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed batches first.")
+_DEVICE = flags.DEFINE_string("device", "cpu", "Where batches are delivered (cpu, cuda).")
+_OUT = flags.DEFINE_string("out", None, "JSON output path (optional).")
+
+
+def camvid_config(root: str):
+    c = common.get_base_config()
+    c.data.name = "folder"
+    c.data.root = root
+    c.data.num_classes = 11
+    c.data.test_split = ""
+    c.data.crop_size = (360, 480)
+    c.data.scale_range = (0.5, 2.0)
+    c.data.hflip = True
+    c.data.color_jitter = 0.4
+    return c
+
+
+def images_per_s(dataset, transform, cfg, workers: int, device: torch.device) -> float:
+    batches = loader.train_batches(dataset, transform, cfg.train.batch_size, cfg.seed,
+                                   device=device, workers=workers, prefetch=cfg.data.prefetch)
+    for _ in range(_WARMUP.value):
+        next(batches)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(_STEPS.value):
+        next(batches)
+    sync(device)
+    return _STEPS.value * cfg.train.batch_size / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv):
+    del argv
+    cfg = _CONFIG.value if _CONFIG.value is not None else camvid_config(_ROOT.value)
+    device = torch.device(_DEVICE.value)
+    dataset = data.build(cfg.data, cfg.data.train_split)
+    transform = transforms.train_transform(cfg.data, dataset.info)
+    image, _ = dataset.read(0)
+    print(f"{cfg.data.name}: {len(dataset)} train images, first {tuple(image.shape[1:])}, "
+          f"batch {cfg.train.batch_size}, {os.cpu_count()} CPUs\n{transform}")
+    rows = []
+    print("| workers | images/s |\n|---|---|")
+    for workers in map(int, _WORKERS.value):
+        rate = images_per_s(dataset, transform, cfg, workers, device)
+        rows.append({"workers": workers, "images_per_s": rate})
+        print(f"| {workers} | {rate:.1f} |", flush=True)
+    if _OUT.value:
+        writers.write_json(_OUT.value, {
+            "data": cfg.data.to_dict(), "batch_size": cfg.train.batch_size,
+            "steps": _STEPS.value, "warmup": _WARMUP.value, "device": str(device),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "results": rows})
+
+
+if __name__ == "__main__":
+    app.run(main)
