@@ -88,4 +88,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.compile = False                # torch.compile the steps
     c.train.grad_impl = "auto"             # auto | autograd | func (torch.func.grad_and_value)
     c.train.device = "auto"                # auto: cuda when available, else cpu
+    c.train.num_pictures = 4               # val images drawn at each eval (predictions/); 0 = off
+    c.train.tensorboard = False            # also log to <workdir>/tensorboard (needs tensorboard)
+
+    # how evals (in training and experiments/evaluate.py) run the model over an image
+    c.eval = ml_collections.ConfigDict()
+    c.eval.mode = "whole"                  # whole | slide (overlapping windows, averaged)
+    c.eval.window = (512, 512)             # slide: window (H, W); shrinks to a smaller image
+    c.eval.stride = (341, 341)             # slide: step between windows, at most the window
+    c.eval.flip = False                    # test-time augmentation: average with the mirror image
+    c.eval.scales = (1.0,)                 # test-time augmentation: e.g. (0.75, 1.0, 1.25)
     return c

@@ -25,6 +25,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from seg import runtime  # noqa: E402
 from seg import checkpoint, data, functional, losses, models, optim, writers  # noqa: E402
+from seg import inference, visualize  # noqa: E402
 from seg import train as seg_train  # noqa: E402
 from seg.data import pipeline  # noqa: E402
 from seg.models import weights  # noqa: E402
@@ -75,6 +76,12 @@ def validate(cfg) -> None:
     if cfg.loss.class_weights and len(cfg.loss.class_weights) != cfg.data.num_classes:
         raise ConfigError(f"loss.class_weights has {len(cfg.loss.class_weights)} entries but "
                           f"data.num_classes={cfg.data.num_classes}")
+    if t.num_pictures < 0:
+        raise ConfigError(f"train.num_pictures={t.num_pictures} must be >= 0")
+    if t.tensorboard and not writers.has_tensorboard():
+        raise ConfigError("train.tensorboard=True needs the tensorboard package, which is not "
+                          "installed (pip install tensorboard)")
+    inference.from_config(cfg.eval)  # a bad eval.* value raises here, naming the field
 
 
 def build(cfg, device: torch.device):
@@ -156,7 +163,7 @@ class Run:
 
     def __init__(self, workdir: Path, cfg, device, model_info: dict, class_names):
         self.workdir, self.cfg, self.device = workdir, cfg, device
-        self.log = writers.MetricsLog(workdir / "metrics.jsonl")
+        self.log = writers.MetricsLog(workdir / "metrics.jsonl", class_names)
         self.model_info, self.class_names = model_info, list(class_names)
         self.train_time = 0.0      # seconds spent in train steps (eval excluded), over all restarts
         self.wall_time = 0.0       # seconds of the whole run, over all restarts
@@ -188,6 +195,36 @@ def _rank(record: dict) -> float:
 def evaluate(eval_step, state, split_data, cfg, device) -> dict:
     batches = pipeline.eval_batches(split_data, cfg.train.eval_batch_size, device=device)
     return seg_train.evaluate(eval_step, state.params, state.buffers, batches)
+
+
+def picture_batch(split_data, cfg, device):
+    """The first train.num_pictures images of the split: the same ones at every eval."""
+    if cfg.train.num_pictures == 0:
+        return None
+    return next(pipeline.eval_batches(split_data, cfg.train.num_pictures, device=device))
+
+
+def write_pictures(run, step, model, state, batch, logits_fn, split_data) -> None:
+    """predictions/step_<step>.png: rows of image | ground truth | prediction."""
+    images, masks = batch
+    info = getattr(split_data, "info", split_data)  # a SegDataset's DatasetInfo, or the split
+    preds = inference.predict_labels(model, state.params, state.buffers, images, logits_fn)
+    palette = visualize.palette_tensor(getattr(info, "palette", ()), run.cfg.data.num_classes)
+    picture = visualize.prediction_grid(visualize.unnormalize(images, info.mean, info.std), masks,
+                                        preds, palette, run.cfg.data.ignore_index).cpu()
+    path = run.workdir / "predictions" / f"step_{step:08d}.png"
+    path.parent.mkdir(exist_ok=True)
+    torchvision.io.write_png(picture, str(path))
+    if run.log.tensorboard is not None:
+        run.log.tensorboard.add_image("val/predictions", picture, step)
+
+
+def finished_summary(workdir: Path, steps: int) -> dict | None:
+    """The summary of a run that has done all its steps and its final test eval, else None."""
+    path = workdir / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    test = (summary.get("last_eval") or {}).get("test") or {}
+    return summary if summary.get("steps") == steps and test.get("step") == steps else None
 
 
 def main(argv):
@@ -231,16 +268,24 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
         run.train_time, run.wall_time = saved["train_time"], saved["wall_time"]
         run.best, run.last = saved["best"], saved["last"]
         print(f"resumed from step {saved['step']} in {workdir}", flush=True)
+        finished = saved["step"] == cfg.train.steps and finished_summary(workdir, cfg.train.steps)
+        if finished:  # nothing left to do: no second test eval, no duplicate record
+            print(f"{workdir} has finished its {cfg.train.steps} steps and test eval", flush=True)
+            return finished
     start = int(state.step)
     run.log.truncate_after(start)
+    if cfg.train.tensorboard:
+        run.log.tensorboard = writers.tensorboard_writer(workdir / "tensorboard", start + 1)
 
     train_step = seg_train.make_train_step(
         model, loss_fn, optimizer, schedule, trainable=trainable, frozen_modules=cfg.train.freeze,
         aux_weight=cfg.loss.aux_weight, grad_impl=cfg.train.grad_impl,
         compile=cfg.train.compile, donate=True)  # the loop never reads an old state again
+    logits_fn = inference.from_config(cfg.eval)
     eval_step = seg_train.make_eval_step(model, loss_fn, cfg.data.num_classes,
                                          ignore_index=cfg.data.ignore_index,
-                                         compile=cfg.train.compile)
+                                         compile=cfg.train.compile, logits_fn=logits_fn)
+    pictures = picture_batch(splits["val"], cfg, device)
     batches = pipeline.train_batches(splits["train"], cfg.train.batch_size, cfg.seed,
                                      start_step=start, device=device, hflip=cfg.data.hflip)
 
@@ -270,6 +315,8 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
                                                               cfg, device))
                 run.train_time, run.wall_time = clock.train_time(), clock.wall_time()
                 writers.write_json(workdir / "summary.json", run.summary(step))
+                if pictures is not None:
+                    write_pictures(run, step, model, state, pictures, logits_fn, splits["val"])
             print(f"step {step}  val miou {result['miou']:.4f}  pixel_acc "
                   f"{result['pixel_acc']:.4f}  loss {result['loss']:.4f}", flush=True)
         if step % t.checkpoint_every == 0 or step == steps:
@@ -286,6 +333,7 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
                                                      device))
     run.wall_time = clock.wall_time()
     writers.write_json(workdir / "summary.json", run.summary(steps))
+    run.log.close()
     print(f"test miou {result['miou']:.4f}  pixel_acc {result['pixel_acc']:.4f}  "
           f"wall {run.wall_time:.0f}s  -> {workdir}", flush=True)
     return run.summary(steps)
