@@ -20,8 +20,6 @@ from absl import flags  # noqa: E402
 
 from experiments import sweep  # noqa: E402
 
-_MODEL = flags.DEFINE_string("model", "pspnet", "The model config whose loss is swept "
-                             "(configs/<model>.py).")
 GAMMAS = (0.5, 1.0, 2.0)
 
 
@@ -39,4 +37,5 @@ def variants(preset: str | None = None, model: str = "pspnet") -> dict:
 
 
 if __name__ == "__main__":
-    sweep.main(lambda preset: variants(preset, _MODEL.value))
+    flags.DEFINE_string("model", "pspnet", "The config whose loss is swept: configs/<model>.py.")
+    sweep.main(lambda preset: variants(preset, flags.FLAGS.model))

@@ -26,17 +26,21 @@ from configs import common  # noqa: E402
 from seg import checkpoint, inference, writers  # noqa: E402
 from seg import train as seg_train  # noqa: E402
 
-_SPLIT = flags.DEFINE_enum("split", "val", ["train", "val", "test"], "The split to evaluate.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoint file (default: the newest "
-                                  "readable one in <workdir>/checkpoints).")
-_TAG = flags.DEFINE_string("tag", "", "Names the record eval_<split>_<tag>.json.")
-_MODE = flags.DEFINE_enum("mode", None, list(inference.MODES), "eval.mode: whole or slide.")
-_WINDOW = flags.DEFINE_list("window", None, "eval.window: H,W of the sliding window.")
-_STRIDE = flags.DEFINE_list("stride", None, "eval.stride: h,w between sliding windows.")
-_FLIP = flags.DEFINE_bool("flip", None, "eval.flip: average with the mirrored image.")
-_SCALES = flags.DEFINE_list("scales", None, "eval.scales, e.g. 0.75,1,1.25.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per eval batch (default: the "
-                                   "run's train.eval_batch_size).")
+
+def define_flags() -> None:
+    """Defined when run as a script only: importing this module (tests, notebooks) defines no
+    flags, so it never clashes with another script's flags of the same name."""
+    flags.DEFINE_enum("split", "val", ["train", "val", "test"], "The split to evaluate.")
+    flags.DEFINE_string("checkpoint", None, "A checkpoint file (default: the newest readable "
+                        "one in <workdir>/checkpoints).")
+    flags.DEFINE_string("tag", "", "Names the record eval_<split>_<tag>.json.")
+    flags.DEFINE_enum("mode", None, list(inference.MODES), "eval.mode: whole or slide.")
+    flags.DEFINE_list("window", None, "eval.window: H,W of the sliding window.")
+    flags.DEFINE_list("stride", None, "eval.stride: h,w between sliding windows.")
+    flags.DEFINE_bool("flip", None, "eval.flip: average with the mirrored image.")
+    flags.DEFINE_list("scales", None, "eval.scales, e.g. 0.75,1,1.25.")
+    flags.DEFINE_integer("batch_size", None, "Images per eval batch (default: the run's "
+                         "train.eval_batch_size).")
 
 
 def _train_script():
@@ -163,13 +167,11 @@ def _number(v) -> str:
 def main(argv):
     if len(argv) != 2:
         raise app.UsageError("usage: evaluate.py <workdir> [--split=val|test] [flags]")
-    workdir = Path(argv[1])
+    workdir, f = Path(argv[1]), flags.FLAGS
     try:
-        record = evaluate_run(workdir, _SPLIT.value,
-                              Path(_CHECKPOINT.value) if _CHECKPOINT.value else None,
-                              _TAG.value, _BATCH_SIZE.value, mode=_MODE.value,
-                              window=_WINDOW.value, stride=_STRIDE.value, flip=_FLIP.value,
-                              scales=_SCALES.value)
+        record = evaluate_run(workdir, f.split, Path(f.checkpoint) if f.checkpoint else None,
+                              f.tag, f.batch_size, mode=f.mode, window=f.window,
+                              stride=f.stride, flip=f.flip, scales=f.scales)
     except ValueError as e:  # train.ConfigError included
         sys.exit(f"error: {e}")
     e = record["eval"]
@@ -177,8 +179,9 @@ def main(argv):
           f"(flip {e['flip']}, scales {tuple(e['scales'])}): miou {_number(record['miou'])}  "
           f"pixel_acc {_number(record['pixel_acc'])}  loss {_number(record['loss'])}")
     print(per_class_table(record))
-    print(f"-> {record_path(workdir, record['split'], _TAG.value)}")
+    print(f"-> {record_path(workdir, record['split'], f.tag)}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

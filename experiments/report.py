@@ -22,8 +22,12 @@ from pathlib import Path
 
 from absl import app, flags
 
-_OUT = flags.DEFINE_string("out", "report.md", "Markdown file to write; plots go next to it.")
-_PLOTS = flags.DEFINE_bool("plots", True, "Draw the plots (needs matplotlib).")
+
+def define_flags() -> None:
+    """Defined when run as a script only: importing this module (tests, notebooks) defines no
+    flags, so it never clashes with another script's --out."""
+    flags.DEFINE_string("out", "report.md", "Markdown file to write; plots go next to it.")
+    flags.DEFINE_bool("plots", True, "Draw the plots (needs matplotlib).")
 
 
 def find_runs(patterns) -> list[Path]:
@@ -192,11 +196,12 @@ def main(argv):
     if len(argv) < 2:
         raise app.UsageError("usage: report.py <run dir or glob>... [--out=report.md]")
     try:
-        text, done = write_report(argv[1:], Path(_OUT.value), _PLOTS.value)
+        text, done = write_report(argv[1:], Path(flags.FLAGS.out), flags.FLAGS.plots)
         print(text + "\n".join(done))
     except ValueError as e:
         sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

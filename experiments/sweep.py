@@ -21,14 +21,6 @@ from pathlib import Path
 
 from absl import app, flags
 
-_PRESET = flags.DEFINE_string("preset", None, "Dataset preset given to every config's "
-                              "get_config (camvid, membrane, ...); default: the embedded data.")
-_STEPS = flags.DEFINE_integer("steps", None, "Train steps of every run (default: the config's).")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (config.seed) each variant runs with.")
-_ROOT = flags.DEFINE_string("root", None, "Sweep directory (<root>/<variant>/seed<k>).")
-_OVERRIDE = flags.DEFINE_multi_string("override", [], "key=value set in every run's config, "
-                                      "e.g. --override=train.batch_size=4 (repeatable).")
-
 # (summary key, eval split, metric) of the numbers compared across variants
 METRICS = (("val_miou", "val", "miou"), ("val_pixel_acc", "val", "pixel_acc"),
            ("test_miou", "test", "miou"))
@@ -187,23 +179,36 @@ def _mean_std(stats: dict, digits: int) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
-def main(variants) -> None:
-    """The command line of an ablation script: variants(preset) -> {name: config}."""
+def define_flags() -> None:
+    """The ablation scripts' flags, defined when one runs as a script only: importing the
+    modules (tests, notebooks) defines no flags, so none clashes with another script's."""
+    flags.DEFINE_string("preset", None, "Dataset preset given to every config's get_config "
+                        "(camvid, membrane, ...); default: the embedded data.")
+    flags.DEFINE_integer("steps", None, "Train steps of every run (default: the config's).")
+    flags.DEFINE_list("seeds", ["0", "1"], "Seeds (config.seed) each variant runs with.")
+    flags.DEFINE_string("root", None, "Sweep directory (<root>/<variant>/seed<k>).")
+    flags.DEFINE_multi_string("override", [], "key=value set in every run's config, e.g. "
+                              "--override=train.batch_size=4 (repeatable).")
     flags.mark_flag_as_required("root")
 
+
+def main(variants) -> None:
+    """The command line of an ablation script: variants(preset) -> {name: config}."""
+    define_flags()
+
     def _main(argv):
+        f = flags.FLAGS
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         try:
-            seeds = [int(s) for s in _SEEDS.value]
+            seeds = [int(s) for s in f.seeds]
         except ValueError:
-            raise app.UsageError(f"--seeds={','.join(_SEEDS.value)} must be integers") from None
+            raise app.UsageError(f"--seeds={','.join(f.seeds)} must be integers") from None
         try:
-            result = run_sweep(variants(_PRESET.value), Path(_ROOT.value), seeds, _STEPS.value,
-                               _OVERRIDE.value)
+            result = run_sweep(variants(f.preset), Path(f.root), seeds, f.steps, f.override)
         except ValueError as e:  # train.ConfigError included
             sys.exit(f"error: {e}")
         print(markdown_table(result))
-        print(f"-> {Path(_ROOT.value) / 'summary.json'}")
+        print(f"-> {Path(f.root) / 'summary.json'}")
 
     app.run(_main)
