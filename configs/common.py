@@ -93,4 +93,14 @@ def get_base_config() -> ml_collections.ConfigDict:
                                            # statistics, averaged before each eval / checkpoint
     c.train.nonfinite = "stop"             # NaN/Inf loss: stop (exit naming the step) | skip
     c.train.deterministic = False          # torch.use_deterministic_algorithms + cuDNN/cuBLAS
+    c.train.num_pictures = 4               # val images drawn at each eval (predictions/); 0 = off
+    c.train.tensorboard = False            # also log to <workdir>/tensorboard (needs tensorboard)
+
+    # how evals (in training and experiments/evaluate.py) run the model over an image
+    c.eval = ml_collections.ConfigDict()
+    c.eval.mode = "whole"                  # whole | slide (overlapping windows, averaged)
+    c.eval.window = (512, 512)             # slide: window (H, W); shrinks to a smaller image
+    c.eval.stride = (341, 341)             # slide: step between windows, at most the window
+    c.eval.flip = False                    # test-time augmentation: average with the mirror image
+    c.eval.scales = (1.0,)                 # test-time augmentation: e.g. (0.75, 1.0, 1.25)
     return c

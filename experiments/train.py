@@ -33,7 +33,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from seg import runtime  # noqa: E402
 from seg import checkpoint, data, distributed, functional, losses, models  # noqa: E402
-from seg import optim, writers  # noqa: E402
+from seg import inference, optim, visualize, writers  # noqa: E402
 from seg import train as seg_train  # noqa: E402
 from seg.data import loader, transforms  # noqa: E402
 from seg.data.dataset import SegDataset  # noqa: E402
@@ -57,9 +57,9 @@ class NonFiniteError(RuntimeError):
 
 class World(NamedTuple):
     """This process's place in a data-parallel job (size 1 and no group for one process)."""
-    rank: int
-    size: int
-    group: Any
+    rank: int = 0
+    size: int = 1
+    group: Any = None
 
     @property
     def writes(self) -> bool:
@@ -118,6 +118,12 @@ def validate(cfg, world_size: int = 1) -> None:
     if cfg.loss.class_weights and len(cfg.loss.class_weights) != cfg.data.num_classes:
         raise ConfigError(f"loss.class_weights has {len(cfg.loss.class_weights)} entries but "
                           f"data.num_classes={cfg.data.num_classes}")
+    if t.num_pictures < 0:
+        raise ConfigError(f"train.num_pictures={t.num_pictures} must be >= 0")
+    if t.tensorboard and not writers.has_tensorboard():
+        raise ConfigError("train.tensorboard=True needs the tensorboard package, which is not "
+                          "installed (pip install tensorboard)")
+    inference.from_config(cfg.eval)  # a bad eval.* value raises here, naming the field
 
 
 def validate_crop(data_cfg) -> None:
@@ -300,6 +306,40 @@ def evaluate(eval_step, state, split: Split, stats, cfg, device, world: World) -
     return seg_train.evaluate(eval_step, state.params, state.buffers, batches, reduce=reduce)
 
 
+def picture_batch(split: Split, stats, cfg, device):
+    """The first train.num_pictures images of the split: the same ones at every eval."""
+    n = min(cfg.train.num_pictures, len(split.dataset))
+    if n == 0:
+        return None
+    return next(loader.eval_batches(split.dataset, split.transform, n, device=device,
+                                    pad_multiple=cfg.data.pad_multiple, mean=stats[0],
+                                    std=stats[1]))
+
+
+def write_pictures(run, step, model, state, batch, logits_fn, info, stats) -> None:
+    """predictions/step_<step>.png: rows of image | ground truth | prediction."""
+    images, masks = batch
+    preds = inference.predict_labels(model, state.params, state.buffers, images, logits_fn)
+    palette = visualize.palette_tensor(info.palette, run.cfg.data.num_classes)
+    picture = visualize.prediction_grid(visualize.unnormalize(images, *stats), masks,
+                                        preds, palette, run.cfg.data.ignore_index).cpu()
+    path = run.workdir / "predictions" / f"step_{step:08d}.png"
+    path.parent.mkdir(exist_ok=True)
+    torchvision.io.write_png(picture, str(path))
+    if run.log.tensorboard is not None:
+        run.log.tensorboard.add_image("val/predictions", picture, step)
+
+
+def finished_summary(workdir: Path, cfg) -> dict | None:
+    """The summary of a run that has done all its steps and its final test eval (when the
+    dataset has a test split), else None."""
+    steps, path = cfg.train.steps, workdir / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    last = summary.get("last_eval") or {}
+    final = last.get("test" if cfg.data.test_split else "val") or {}
+    return summary if summary.get("steps") == steps and final.get("step") == steps else None
+
+
 def main(argv):
     del argv
     # warnings (an unreadable checkpoint skipped, ...) as one line each, like the errors
@@ -367,8 +407,14 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
         run.best, run.last = saved["best"], saved["last"]
         start = saved["data"]["step"]
         print(f"resumed from step {saved['step']} in {workdir}", flush=True)
+        finished = saved["step"] == cfg.train.steps and finished_summary(workdir, cfg)
+        if finished:  # nothing left to do: no second test eval, no duplicate record
+            print(f"{workdir} has finished its {cfg.train.steps} steps and evals", flush=True)
+            return finished
     if world.writes:  # the test evaluation follows the last checkpoint: always redone
         run.log.truncate_after(start, redo_splits=("test",))
+        if cfg.train.tensorboard:
+            run.log.tensorboard = writers.tensorboard_writer(workdir / "tensorboard", start + 1)
 
     if world.size > 1 and cfg.train.sync_bn:
         distributed.convert_sync_batchnorm(model, world.group)
@@ -378,9 +424,11 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
         compile=cfg.train.compile, donate=True,  # the loop never reads an old state again
         grad_reduce=distributed.make_grad_reduce(world.group) if world.size > 1 else None,
         skip_nonfinite=cfg.train.nonfinite == "skip")
+    logits_fn = inference.from_config(cfg.eval)
     eval_step = seg_train.make_eval_step(model, loss_fn, cfg.data.num_classes,
                                          ignore_index=cfg.data.ignore_index,
-                                         compile=cfg.train.compile)
+                                         compile=cfg.train.compile, logits_fn=logits_fn)
+    pictures = picture_batch(splits["val"], stats, cfg, device) if world.writes else None
     # Batches are a pure function of the global step: the data position is that step.
     batches = loader.train_batches(*splits["train"], cfg.train.batch_size, cfg.seed,
                                    start_step=start, device=device, workers=cfg.data.workers,
@@ -429,6 +477,8 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
                                                               stats, cfg, device, world))
                 run.train_time, run.wall_time = clock.train_time(), clock.wall_time()
                 run.write_summary(step)
+                if pictures is not None:
+                    write_pictures(run, step, model, state, pictures, logits_fn, info, stats)
             print(f"step {step}  val miou {result['miou']:.4f}  pixel_acc "
                   f"{result['pixel_acc']:.4f}  loss {result['loss']:.4f}", flush=True)
         if save_now:
@@ -443,6 +493,7 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
         print(f"test miou {result['miou']:.4f}  pixel_acc {result['pixel_acc']:.4f}", flush=True)
     run.wall_time = clock.wall_time()
     run.write_summary(steps)
+    run.log.close()
     print(f"wall {run.wall_time:.0f}s  -> {workdir}", flush=True)
     return run.summary(steps)
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from seg import functional, losses, metrics
+from seg import functional, inference, losses, metrics
 from seg.functional import Buffers, Params
 from seg.optim import Optimizer, Schedule
 
@@ -119,16 +119,21 @@ def _select(flag: Tensor, new: Any, old: Any) -> Any:
 
 
 def make_eval_step(model: nn.Module, loss_fn: Callable, num_classes: int, *,
-                   ignore_index: int = 255, compile: bool | str = False
+                   ignore_index: int = 255, compile: bool | str = False,
+                   logits_fn: Callable | None = None
                    ) -> Callable[[Params, Buffers, Batch], dict]:
     """Eval step: the batch's confusion matrix, and its main-head loss times its image count
-    (summed over a split and divided by the split's image count: the split's mean loss)."""
+    (summed over a split and divided by the split's image count: the split's mean loss).
+
+    logits_fn(forward, images) -> logits: how the main head is run over the images
+    (seg.inference: sliding windows, test-time augmentation); default: one forward pass.
+    """
 
     @torch.no_grad()
     def step(params: Params, buffers: Buffers, batch: Batch) -> dict:
         images, masks = batch
-        out, _ = functional.apply(model, params, buffers, images)
-        logits = out["out"]
+        forward = inference.model_forward(model, params, buffers)
+        logits = logits_fn(forward, images) if logits_fn else forward(images)
         cm = metrics.confusion_matrix(metrics.predict(logits), masks, num_classes, ignore_index)
         return {"confusion": cm, "loss_sum": loss_fn(logits, masks).float() * images.shape[0]}
 

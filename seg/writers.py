@@ -4,11 +4,12 @@ Values are plain JSON: tensors become numbers or lists, NaN and infinities becom
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -56,11 +57,41 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     replace_atomically(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
-class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl, each line flushed and synced whole."""
+def has_tensorboard() -> bool:
+    """Whether the optional tensorboard package (torch.utils.tensorboard's backend) is there."""
+    return importlib.util.find_spec("tensorboard") is not None
 
-    def __init__(self, path: str | os.PathLike):
+
+def tensorboard_writer(logdir: str | os.PathLike, purge_step: int | None = None):
+    """A torch.utils.tensorboard.SummaryWriter (needs the tensorboard package). A run resumed at
+    step k passes purge_step=k+1, so that TensorBoard hides the events the crashed run wrote
+    after its checkpoint, as MetricsLog.truncate_after does for the log."""
+    from torch.utils.tensorboard import SummaryWriter  # optional: imported only when asked for
+    return SummaryWriter(str(logdir), purge_step=purge_step)
+
+
+def tensorboard_scalars(record: dict, class_names: Sequence[str] = ()) -> list[tuple[str, float]]:
+    """A metrics record as TensorBoard scalars "<split>/<key>"; per-class lists as
+    "<split>/<key>/<class name>". Missing values (None, NaN) are left out."""
+    split, scalars = record["split"], []
+    for key, value in record.items():
+        if key in ("step", "split") or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            scalars.append((f"{split}/{key}", value))
+        elif key.endswith("_per_class") and len(value) == len(class_names):
+            scalars += [(f"{split}/{key}/{name}", v) for name, v in zip(class_names, value)]
+    return [(tag, float(v)) for tag, v in scalars if v is not None and math.isfinite(v)]
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl, each line flushed and synced whole;
+    optionally mirrors the numbers to a TensorBoard writer (`tensorboard`)."""
+
+    def __init__(self, path: str | os.PathLike, class_names: Sequence[str] = ()):
         self.path = Path(path)
+        self.class_names = tuple(class_names)
+        self.tensorboard = None
 
     def write(self, record: dict) -> None:
         if "step" not in record or record.get("split") not in ("train", "val", "test"):
@@ -76,6 +107,13 @@ class MetricsLog:
             os.fsync(f.fileno())
         if created:
             fsync_directory(self.path.parent)
+        if self.tensorboard is not None:
+            for tag, value in tensorboard_scalars(record, self.class_names):
+                self.tensorboard.add_scalar(tag, value, record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def truncate_after(self, step: int, redo_splits: tuple[str, ...] = ()) -> None:
         """On resume: keep the records up to `step`; drop later ones, any torn last line, and

@@ -1,4 +1,6 @@
 """Shared test helpers."""
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -37,6 +39,24 @@ def train_script():
         spec.loader.exec_module(module)
         sys.modules["train_script"] = module
     return sys.modules["train_script"]
+@pytest.fixture(scope="module")
+def shared_synthetic_data():
+    """Generates each synthetic split once per test module instead of once per run: every run
+    of an end-to-end test builds all three splits, and most of that time is the generator
+    drawing 256 images for the normalisation statistics."""
+    import seg.data
+
+    cache, build = {}, seg.data.build
+
+    def cached(data_cfg, split):
+        key = (json.dumps(data_cfg.to_dict(), sort_keys=True), split)
+        if key not in cache:
+            cache[key] = build(data_cfg, split)
+        return cache[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(seg.data, "build", cached)
+        yield
 
 
 @pytest.fixture(scope="module")
