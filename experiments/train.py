@@ -167,12 +167,10 @@ def build_data(data_cfg) -> dict:
     for field in ("train_split", "val_split"):
         if not data_cfg[field]:
             raise ConfigError(f"data.{field} is empty: training needs it")
-    names = {"train": data_cfg.train_split, "val": data_cfg.val_split,
-             "test": data_cfg.test_split}
     splits = {}
-    for role, name in names.items():
-        if name:
-            dataset = data.build(data_cfg, name)
+    for role in ("train", "val", "test"):
+        if data_cfg[f"{role}_split"]:   # data.build reads the dataset's split named there
+            dataset = data.build(data_cfg, role)
             make = transforms.train_transform if role == "train" else transforms.eval_transform
             splits[role] = Split(dataset, make(data_cfg, dataset.info))
     info = splits["train"].dataset.info
