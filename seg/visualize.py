@@ -9,23 +9,16 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from seg.data.voc import voc_palette
+
 # PASCAL VOC's colour for its void label (255): light, unsaturated, and none of the first 255
 # default class colours.
 IGNORE_COLOUR = (224, 224, 192)
 
 
 def default_palette(num_classes: int) -> Tensor:
-    """(K, 3) uint8: PASCAL VOC's colour map (the bits of the class index spread over the high
-    bits of R, G and B): class 0 is black, neighbouring classes get distinct colours."""
-    colours = []
-    for c in range(num_classes):
-        rgb, value = [0, 0, 0], c
-        for shift in range(7, -1, -1):
-            for channel in range(3):
-                rgb[channel] |= ((value >> channel) & 1) << shift
-            value >>= 3
-        colours.append(rgb)
-    return torch.tensor(colours, dtype=torch.uint8).view(num_classes, 3)
+    """(K, 3) uint8: PASCAL VOC's colour map, for datasets without a palette of their own."""
+    return torch.tensor(voc_palette(num_classes), dtype=torch.uint8).view(num_classes, 3)
 
 
 def palette_tensor(palette: Sequence[Sequence[int]], num_classes: int) -> Tensor:
