@@ -266,6 +266,9 @@ class Run:
                 "train_time_s": self.train_time,
                 "images_per_s": images / self.train_time if self.train_time else None,
                 "class_names": self.class_names, "last_eval": self.last, "best_eval": self.best,
+                # the last evals' per-class IoU keyed by the dataset's class names
+                "iou_by_class": {split: dict(zip(self.class_names, r["iou_per_class"]))
+                                 for split, r in self.last.items()},
                 "environment": environment(self.device, self.world.size)}
 
     def write(self, record: dict) -> None:

@@ -61,6 +61,11 @@ def test_run_directory_contract(finished_run):
     assert summary["steps"] == 6 and summary["model"]["name"] == "unet"
     assert summary["model"]["params"] > 0 and summary["images_per_s"] > 0
     assert summary["last_eval"]["test"]["step"] == 6
+    test = summary["last_eval"]["test"]
+    assert summary["iou_by_class"]["test"] == dict(zip(summary["class_names"],
+                                                       test["iou_per_class"]))
+    assert list(summary["iou_by_class"]["test"]) == ["background", "striped_blob",
+                                                     "patterned_polygon"]
     assert summary["best_eval"]["miou"] == max(r["miou"] for r in records if r["split"] == "val")
     assert {"torch", "torchvision", "device"} <= set(summary["environment"])
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
