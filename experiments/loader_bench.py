@@ -4,8 +4,8 @@
   python experiments/loader_bench.py --config=configs/pspnet.py --out=loader.json
   python experiments/loader_bench.py --config=configs/unet.py:camvid --workers=0,2,4
 
-Without --config it builds the CamVid case from the base config: data.name=folder at --root,
-crop (360, 480), scale 0.5-2.0, flips, colour jitter 0.4. For each worker count it times
+Without --config it times the CamVid preset (at --root, default the shared copy) at full
+360x480 crops with its scale 0.5-2.0 and flips, plus colour jitter 0.4. For each worker count it times
 --steps batches after --warmup untimed ones (worker start-up, page cache), reading, decoding,
 augmenting, collating, copying to --device and normalising. Prints a table and writes JSON.
 """
@@ -22,12 +22,12 @@ import torch  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from configs import common  # noqa: E402
+from configs import common, presets  # noqa: E402
 from seg import data, writers  # noqa: E402
 from seg.data import loader, transforms  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file; default: CamVid (above).")
-_ROOT = flags.DEFINE_string("root", "/work/shared/datasets/camvid", "CamVid folder (no --config).")
+_ROOT = flags.DEFINE_string("root", None, "CamVid folder (no --config); default: the preset's.")
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "DataLoader worker counts to time.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed batches per worker count.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed batches first.")
@@ -35,15 +35,12 @@ _DEVICE = flags.DEFINE_string("device", "cpu", "Where batches are delivered (cpu
 _OUT = flags.DEFINE_string("out", None, "JSON output path (optional).")
 
 
-def camvid_config(root: str):
-    c = common.get_base_config()
-    c.data.name = "folder"
-    c.data.root = root
-    c.data.num_classes = 11
-    c.data.test_split = ""
+def camvid_config(root: str | None):
+    """The CamVid preset at full resolution with the whole train augmentation."""
+    c = presets.apply(common.get_base_config(), "camvid")
+    if root:
+        c.data.root = root
     c.data.crop_size = (360, 480)
-    c.data.scale_range = (0.5, 2.0)
-    c.data.hflip = True
     c.data.color_jitter = 0.4
     return c
 
@@ -70,7 +67,7 @@ def main(argv):
     del argv
     cfg = _CONFIG.value if _CONFIG.value is not None else camvid_config(_ROOT.value)
     device = torch.device(_DEVICE.value)
-    dataset = data.build(cfg.data, cfg.data.train_split)
+    dataset = data.build(cfg.data, "train")
     transform = transforms.train_transform(cfg.data, dataset.info)
     image, _ = dataset.read(0)
     print(f"{cfg.data.name}: {len(dataset)} train images, first {tuple(image.shape[1:])}, "
