@@ -26,19 +26,13 @@ def randomise_bn():
 
 @pytest.fixture(scope="session")
 def train_script():
-    """experiments/train.py as a module, for tests that call run() / main() in-process (loaded
-    once per process: it defines absl flags)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    """experiments/train.py as a module, for tests that call run() / main() in-process. One
+    import for every test (it defines absl flags, which a second copy would define again)."""
+    from experiments import train
 
-    if "train_script" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "experiments" / "train.py"
-        spec = importlib.util.spec_from_file_location("train_script", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["train_script"] = module
-    return sys.modules["train_script"]
+    return train
+
+
 @pytest.fixture(scope="module")
 def shared_synthetic_data():
     """Generates each synthetic split once per test module instead of once per run: every run

@@ -153,7 +153,9 @@ def test_only_rank_zero_writes_and_prints(torchrun):
     for name in ("run_local_bn", "run_sync_bn"):
         workdir = out / name
         assert sorted(p.name for p in workdir.iterdir()) == [
-            "checkpoints", "config.json", "metrics.jsonl", "summary.json"]
+            "checkpoints", "config.json", "metrics.jsonl", "predictions", "summary.json"]
+        assert sorted(p.name for p in (workdir / "predictions").iterdir()) == [
+            "step_00000002.png", "step_00000004.png"]
         assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
             "ckpt_00000002.pt", "ckpt_00000004.pt"]
         lines = (workdir / "metrics.jsonl").read_text().splitlines()
