@@ -67,6 +67,12 @@ def validate(cfg) -> None:
     if t.compile and t.grad_impl == "autograd":
         raise ConfigError("train.grad_impl='autograd' cannot be compiled as one graph: use "
                           "'auto' or 'func' with train.compile=True")
+    if t.precision not in seg_train.PRECISIONS:
+        raise ConfigError(f"train.precision={t.precision!r} is not one of "
+                          f"{', '.join(seg_train.PRECISIONS)}")
+    if t.checkpoint_activations and (t.compile or t.grad_impl == "func"):
+        raise ConfigError("train.checkpoint_activations=True needs train.compile=False and "
+                          "train.grad_impl auto or autograd (torch.func.grad cannot checkpoint)")
     if cfg.data.num_classes < 2:
         raise ConfigError(f"data.num_classes={cfg.data.num_classes} must be at least 2")
     if cfg.loss.name in losses.BINARY_LOSSES and cfg.data.num_classes != 2:
@@ -85,6 +91,10 @@ def build(cfg, device: torch.device):
                                              seed=cfg.seed, device=device)
     if cfg.model.backbone_weights:
         params, buffers = load_weights(cfg, params, buffers)
+    if cfg.train.checkpoint_activations and not any(
+            isinstance(m, models.CHECKPOINT_BLOCKS) for m in model.modules()):
+        raise ConfigError(f"train.checkpoint_activations=True but model.name="
+                          f"{cfg.model.name!r} has no ResNet or UNet block to recompute")
     for prefix in cfg.train.freeze:
         try:
             model.get_submodule(prefix)
@@ -205,6 +215,10 @@ def run(cfg, workdir: Path) -> dict:
     try:
         validate(cfg)
         device = select_device(cfg.train.device)
+        if (cfg.train.precision == "bf16" and device.type == "cuda"
+                and not torch.cuda.is_bf16_supported(including_emulation=False)):
+            raise ConfigError(f"train.precision='bf16' but {torch.cuda.get_device_name(device)} "
+                              "has no bf16 arithmetic; use fp32")
         splits, model, params, buffers, optimizer, schedule, loss_fn = build(cfg, device)
         workdir.mkdir(parents=True, exist_ok=True)
         check_same_config(workdir, cfg)
@@ -219,7 +233,8 @@ def run(cfg, workdir: Path) -> dict:
 def train(cfg, workdir, device, splits, model, params, buffers, optimizer, schedule, loss_fn):
     trainable, _ = functional.split_trainable(params, cfg.train.freeze)
     torch.manual_seed(cfg.seed)  # the global RNG drives dropout
-    state = seg_train.init_state(params, buffers, optimizer, trainable)
+    state = seg_train.init_state(params, buffers, optimizer, trainable,
+                                 channels_last=cfg.train.channels_last)
     model_info = {"name": cfg.model.name, "params": functional.count(params),
                   "trainable_params": sum(params[k].numel() for k in trainable)}
     run = Run(workdir, cfg, device, model_info, splits["train"].class_names)
@@ -237,10 +252,14 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
     train_step = seg_train.make_train_step(
         model, loss_fn, optimizer, schedule, trainable=trainable, frozen_modules=cfg.train.freeze,
         aux_weight=cfg.loss.aux_weight, grad_impl=cfg.train.grad_impl,
-        compile=cfg.train.compile, donate=True)  # the loop never reads an old state again
+        compile=cfg.train.compile, donate=True,  # the loop never reads an old state again
+        precision=cfg.train.precision, channels_last=cfg.train.channels_last,
+        checkpoint_activations=cfg.train.checkpoint_activations)
     eval_step = seg_train.make_eval_step(model, loss_fn, cfg.data.num_classes,
                                          ignore_index=cfg.data.ignore_index,
-                                         compile=cfg.train.compile)
+                                         compile=cfg.train.compile,
+                                         precision=cfg.train.precision,
+                                         channels_last=cfg.train.channels_last)
     batches = pipeline.train_batches(splits["train"], cfg.train.batch_size, cfg.seed,
                                      start_step=start, device=device, hflip=cfg.data.hflip)
 
