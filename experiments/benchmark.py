@@ -270,6 +270,7 @@ def time_model(s: Setup, modes: list[str]) -> dict:
         before = torch.cuda.memory_allocated(s.device) if cuda_memory else 0
         runners[mode] = runner(s, mode)
         first[mode] = timed(runners[mode], 1, s.device)
+        progress(f"{s.name} {mode}: first call {first[mode]:.1f} s")
         if _WARMUP.value > 1:
             runners[mode](_WARMUP.value - 1)
         if cuda_memory:  # built and warmed one after another: the difference is this mode's
@@ -281,6 +282,7 @@ def time_model(s: Setup, modes: list[str]) -> dict:
         k = r % len(order)
         for mode in order[k:] + order[:k]:
             times[mode].append(timed(runners[mode], steps, s.device) / steps)
+        progress(f"{s.name}: round {r + 1} done")
     for mode, ts in times.items():
         m = result["modes"][mode] = summarise(s, mode, ts, times.get("imperative"), first[mode])
         if cuda_memory:
@@ -291,6 +293,7 @@ def time_model(s: Setup, modes: list[str]) -> dict:
         for mode in times:  # compiled modes would compile again per process: left out on CPU
             if not MODES[mode] or not MODES[mode].get("compile"):
                 result["modes"][mode]["peak_mem_bytes"] = cpu_peak_in_subprocess(s, mode)
+                progress(f"{s.name} {mode}: peak memory measured")
     return result
 
 
@@ -309,26 +312,30 @@ def summarise(s: Setup, mode: str, ts: list[float], base: list[float] | None,
     return out
 
 
-def table(results: list[dict], device: torch.device) -> str:
-    gpu = device.type == "cuda"
+def table_head(gpu: bool) -> str:
     head = ("| model | mode | step median (IQR) | images/s | x imperative | first call | "
             "peak mem | TFLOP/s |" + (" % peak |" if gpu else ""))
-    rows = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in results:
-        for mode, m in r["modes"].items():
-            mem = m.get("peak_mem_bytes")
-            ratio = m["x_imperative"]
-            rows.append(
-                f"| {r['label']} | {mode} | {m['step_s_median'] * 1e3:.0f} ms "
-                f"({m['step_s_q1'] * 1e3:.0f}-{m['step_s_q3'] * 1e3:.0f}) | "
-                f"{m['images_per_s']:.2f} | {'' if ratio is None else f'{ratio:.3f}'} | "
-                f"{m['first_call_s']:.1f} s | "
-                f"{'n/a' if mem is None else f'{mem / 2**20:.0f} MiB'} | {m['tflops']:.3f} |"
-                + (f" {m['pct_peak']:.1f} |" if gpu else ""))
-        for mode, why in r["skipped"].items():
-            rows.append(f"| {r['label']} | {mode} | skipped: {why} |" + " |" * (
-                head.count("|") - 4))
+    return head + "\n|" + "---|" * (head.count("|") - 1)
+
+
+def table_rows(r: dict, gpu: bool) -> str:
+    rows = []
+    for mode, m in r["modes"].items():
+        mem, ratio = m.get("peak_mem_bytes"), m["x_imperative"]
+        rows.append(
+            f"| {r['label']} | {mode} | {m['step_s_median'] * 1e3:.0f} ms "
+            f"({m['step_s_q1'] * 1e3:.0f}-{m['step_s_q3'] * 1e3:.0f}) | "
+            f"{m['images_per_s']:.2f} | {'' if ratio is None else f'{ratio:.3f}'} | "
+            f"{m['first_call_s']:.1f} s | "
+            f"{'n/a' if mem is None else f'{mem / 2**20:.0f} MiB'} | {m['tflops']:.3f} |"
+            + (f" {m['pct_peak']:.1f} |" if gpu else ""))
+    for mode, why in r["skipped"].items():
+        rows.append(f"| {r['label']} | {mode} | skipped: {why} |" + " |" * (5 + gpu))
     return "\n".join(rows)
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)  # a CPU run takes an hour: show where it is
 
 
 # ---------------------------------------------------------------- explain
@@ -367,21 +374,25 @@ def main(argv):
     if _PROBE.value:
         print(json.dumps({"peak_bytes": cpu_peak(next(setups), _PROBE.value)}))
         return
-    if _EXPLAIN.value:
-        results = [explain(s) for s in setups]
-        for r in results:
+    env = {"torch": torch.__version__, "torchvision": torchvision.__version__,
+           "device": torch.cuda.get_device_name(device) if gpu else "cpu",
+           "threads": torch.get_num_threads(), "keep_freed_memory": _KEEP.value,
+           "argv": sys.argv, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
+    results = []
+    if not _EXPLAIN.value:
+        print(table_head(gpu), flush=True)
+    for s in setups:  # results are printed and saved model by model
+        if _EXPLAIN.value:
+            r = explain(s)
             print(f"{r['model']} {r['options']}: {r['graph_count']} graph(s), "
                   f"{r['graph_break_count']} break(s), {r['op_count']} ops "
-                  f"{r['break_reasons'] or ''}")
-    else:
-        results = [time_model(s, _MODES.value) for s in setups]
-        print(table(results, device))
-    if _OUT.value:
-        env = {"torch": torch.__version__, "torchvision": torchvision.__version__,
-               "device": torch.cuda.get_device_name(device) if gpu else "cpu",
-               "threads": torch.get_num_threads(), "keep_freed_memory": _KEEP.value,
-               "argv": sys.argv, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
-        writers.write_json(_OUT.value, {"results": results, "environment": env})
+                  f"{r['break_reasons'] or ''}", flush=True)
+        else:
+            r = time_model(s, _MODES.value)
+            print(table_rows(r, gpu), flush=True)
+        results.append(r)
+        if _OUT.value:
+            writers.write_json(_OUT.value, {"results": results, "environment": env})
 
 
 if __name__ == "__main__":
