@@ -86,6 +86,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.freeze = ()                    # module paths whose params get no gradient, e.g. ("backbone",)
     c.train.compile = False                # torch.compile the steps
+    c.train.precision = "fp32"             # fp32 | bf16 (autocast forward; fp32 weights, loss, metrics)
+    c.train.channels_last = False          # channels_last images and conv weights
+    c.train.checkpoint_activations = False # recompute ResNet / UNet blocks in the backward (eager)
     c.train.grad_impl = "auto"             # auto | autograd | func (torch.func.grad_and_value)
     c.train.device = "auto"                # auto: cuda when available, else cpu
     # torchrun data parallel: train.batch_size and eval_batch_size are global (split over ranks)

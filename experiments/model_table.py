@@ -16,7 +16,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import torch  # noqa: E402
 from absl import app, flags  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from configs import (deeplabv3, fcn8s, fcn16s, fcn32s, pspnet, pspnet_seed004,  # noqa: E402
                      unet)
@@ -45,12 +44,9 @@ _OUT = flags.DEFINE_string("out", None, "JSON output path (optional).")
 
 def measure(model_cfg, num_outputs: int, size: tuple[int, int]) -> dict:
     with torch.device("meta"):
-        model = models.build(model_cfg, num_outputs).eval()
-        x = torch.empty(1, 3, *size)
-    with FlopCounterMode(display=False) as counter:
-        model(x)
-    flops = counter.get_total_flops()
-    return {"params": models.param_count(model), "gflops": flops / 1e9, "gmacs": flops / 2e9}
+        params = models.param_count(models.build(model_cfg, num_outputs))
+    flops = models.forward_flops(model_cfg, num_outputs, size)
+    return {"params": params, "gflops": flops / 1e9, "gmacs": flops / 2e9}
 
 
 def model_config(config_module, overrides: dict):

@@ -109,6 +109,12 @@ def validate(cfg, world_size: int = 1) -> None:
     if t.eval_batch_size < world_size:
         raise ConfigError(f"train.eval_batch_size={t.eval_batch_size} is smaller than the world "
                           f"size {world_size} (it is the global eval batch)")
+    if t.precision not in seg_train.PRECISIONS:
+        raise ConfigError(f"train.precision={t.precision!r} is not one of "
+                          f"{', '.join(seg_train.PRECISIONS)}")
+    if t.checkpoint_activations and (t.compile or t.grad_impl == "func"):
+        raise ConfigError("train.checkpoint_activations=True needs train.compile=False and "
+                          "train.grad_impl auto or autograd (torch.func.grad cannot checkpoint)")
     if cfg.data.num_classes < 2:
         raise ConfigError(f"data.num_classes={cfg.data.num_classes} must be at least 2")
     validate_crop(cfg.data)
@@ -150,6 +156,10 @@ def build(cfg, device: torch.device):
                                              seed=cfg.seed, device=device)
     if cfg.model.backbone_weights:
         params, buffers = load_weights(cfg, params, buffers)
+    if cfg.train.checkpoint_activations and not any(
+            isinstance(m, models.CHECKPOINT_BLOCKS) for m in model.modules()):
+        raise ConfigError(f"train.checkpoint_activations=True but model.name="
+                          f"{cfg.model.name!r} has no ResNet or UNet block to recompute")
     for prefix in cfg.train.freeze:
         try:
             model.get_submodule(prefix)
@@ -361,6 +371,10 @@ def run(cfg, workdir: Path) -> dict:
         info = distributed.world_info(os.environ)
         validate(cfg, info.world_size)
         device = select_device(cfg.train.device, info)
+        if (cfg.train.precision == "bf16" and device.type == "cuda"
+                and not torch.cuda.is_bf16_supported(including_emulation=False)):
+            raise ConfigError(f"train.precision='bf16' but {torch.cuda.get_device_name(device)} "
+                              "has no bf16 arithmetic; use fp32")
     except ValueError as e:  # ConfigError included
         raise ConfigError(str(e)) from None
     with contextlib.ExitStack() as stack:
@@ -392,7 +406,8 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
     trainable, _ = functional.split_trainable(params, cfg.train.freeze)
     # The global RNG drives dropout: each rank draws its own masks.
     torch.manual_seed(cfg.seed + _RANK_SEED_STRIDE * world.rank)
-    state = seg_train.init_state(params, buffers, optimizer, trainable)
+    state = seg_train.init_state(params, buffers, optimizer, trainable,
+                                 channels_last=cfg.train.channels_last)
     model_info = {"name": cfg.model.name, "params": functional.count(params),
                   "trainable_params": sum(params[k].numel() for k in trainable)}
     info = splits["train"].dataset.info
@@ -424,11 +439,15 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
         aux_weight=cfg.loss.aux_weight, grad_impl=cfg.train.grad_impl,
         compile=cfg.train.compile, donate=True,  # the loop never reads an old state again
         grad_reduce=distributed.make_grad_reduce(world.group) if world.size > 1 else None,
-        skip_nonfinite=cfg.train.nonfinite == "skip")
+        skip_nonfinite=cfg.train.nonfinite == "skip", precision=cfg.train.precision,
+        channels_last=cfg.train.channels_last,
+        checkpoint_activations=cfg.train.checkpoint_activations)
     logits_fn = inference.from_config(cfg.eval)
     eval_step = seg_train.make_eval_step(model, loss_fn, cfg.data.num_classes,
                                          ignore_index=cfg.data.ignore_index,
-                                         compile=cfg.train.compile, logits_fn=logits_fn)
+                                         compile=cfg.train.compile, logits_fn=logits_fn,
+                                         precision=cfg.train.precision,
+                                         channels_last=cfg.train.channels_last)
     pictures = picture_batch(splits["val"], stats, cfg, device) if world.writes else None
     # Batches are a pure function of the global step: the data position is that step.
     batches = loader.train_batches(*splits["train"], cfg.train.batch_size, cfg.seed,

@@ -6,10 +6,12 @@ tensors stored on it. `apply` runs the module on explicit dicts through `functio
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 Params = dict[str, Tensor]
 Buffers = dict[str, Tensor]
@@ -61,3 +63,41 @@ def split_trainable(names: Iterable[str], frozen: Iterable[str]) -> tuple[list[s
 
 def count(tree: Params) -> int:
     return sum(v.numel() for v in tree.values())
+
+
+def to_channels_last(tree: Params) -> Params:
+    """The same dict with its 4-D tensors (conv weights) in channels_last memory format."""
+    return {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+            for k, v in tree.items()}
+
+
+def recompute_blocks(model: nn.Module, blocks: tuple[type[nn.Module], ...]) -> nn.Module:
+    """A copy of the definition in which every module of a type in `blocks` runs under
+    activation checkpointing (torch.utils.checkpoint, non-reentrant): the forward keeps only
+    each block's inputs and the backward recomputes its activations. Same names, same numbers.
+
+    Raises ValueError when the model has no such block. In training mode BatchNorm inside a
+    block updates its statistics again during the recomputation: the caller keeps the
+    forward's buffers (seg.train does).
+    """
+    model = copy.deepcopy(model)
+    found = [m for m in model.modules() if isinstance(m, blocks)]
+    if not found:
+        raise ValueError(f"train.checkpoint_activations=True but {type(model).__name__} has no "
+                         f"block to checkpoint (one of {[b.__name__ for b in blocks]})")
+    for block in found:
+        block.forward = _checkpointed(block)
+    return model
+
+
+def _checkpointed(block: nn.Module) -> Callable:
+    # The recomputation runs in the backward, after `apply` has put the meta tensors back on
+    # the module, so the block's own tensors are captured as checkpoint inputs and bound again
+    # with functional_call. `plain` shares the block's submodules and tensor dicts but keeps the
+    # class's forward (copied before the block's forward is replaced).
+    plain = copy.copy(block)
+
+    def forward(*args):
+        tensors = {**dict(plain.named_parameters()), **dict(plain.named_buffers())}
+        return checkpoint(torch.func.functional_call, plain, tensors, args, use_reentrant=False)
+    return forward

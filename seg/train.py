@@ -6,12 +6,13 @@ tensors that the caller accumulates and reads at log time.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from seg import functional, inference, losses, metrics
+from seg import functional, losses, metrics, models
 from seg.functional import Buffers, Params
 from seg.optim import Optimizer, Schedule
 
@@ -26,8 +27,16 @@ class TrainState(NamedTuple):
     opt_state: Any      # optimizer state over the trainable parameters only
 
 
-def init_state(params: Params, buffers: Buffers, optimizer: Optimizer, trainable: Iterable[str]
-               ) -> TrainState:
+PRECISIONS = ("fp32", "bf16")
+
+
+def init_state(params: Params, buffers: Buffers, optimizer: Optimizer, trainable: Iterable[str],
+               *, channels_last: bool = False) -> TrainState:
+    """channels_last stores 4-D params (conv weights) in that memory format, and so the
+    optimizer state made from them: a step built with channels_last=True then never mixes
+    layouts in its element-wise updates."""
+    if channels_last:
+        params = functional.to_channels_last(params)
     step = torch.zeros((), dtype=torch.int64, device=next(iter(params.values())).device)
     opt_state = optimizer.init({k: params[k] for k in trainable})
     return TrainState(step, params, buffers, opt_state)
@@ -37,7 +46,9 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
                     *, trainable: Iterable[str], frozen_modules: Iterable[str] = (),
                     aux_weight: float = 0.0, grad_impl: str = "auto",
                     compile: bool | str = False, donate: bool = False,
-                    grad_reduce: GradReduce | None = None, skip_nonfinite: bool = False
+                    grad_reduce: GradReduce | None = None, skip_nonfinite: bool = False,
+                    precision: str = "fp32", channels_last: bool = False,
+                    checkpoint_activations: bool = False
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds the train step.
 
@@ -56,6 +67,13 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
     params, buffers and optimizer state (selected with torch.where on a device flag: no host
     sync) and only the step counter advances. It needs the old state, so it turns `donate` off.
     Either way metrics["finite"] is that flag, for the caller to read when it syncs anyway.
+    precision: "bf16" runs the forward under bf16 autocast; params, gradients, optimizer state,
+    the loss and the metrics stay float32 (the loss reads the logits cast back to float32).
+    channels_last: the images enter in channels_last memory format (pair it with
+    `init_state(..., channels_last=True)` for the params).
+    checkpoint_activations: the model's blocks (`models.CHECKPOINT_BLOCKS`) keep only their
+    inputs and recompute their activations in the backward; needs grad_impl "autograd"
+    (torch.func.grad refuses the saved-tensor hooks that checkpointing uses), so no compile.
     """
     trainable, trainable_set = tuple(trainable), frozenset(trainable)
     frozen_modules = tuple(frozen_modules)
@@ -67,14 +85,23 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
     if compile and grad_impl == "autograd":
         raise ValueError("train.grad_impl='autograd' cannot be compiled as one graph; use "
                          "'func' or 'auto' with train.compile=True")
+    if checkpoint_activations and grad_impl != "autograd":
+        raise ValueError("train.checkpoint_activations=True needs train.grad_impl='autograd' "
+                         "(torch.func.grad has no saved-tensor hooks), so train.compile=False")
+    if checkpoint_activations:
+        model = functional.recompute_blocks(model, models.CHECKPOINT_BLOCKS)
+    forward = _forward(model, precision, channels_last)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         images, masks = batch
         fixed = {k: v for k, v in state.params.items() if k not in trainable_set}
 
         def loss_of(train_params: Params):
-            out, new_buffers = functional.apply(model, {**fixed, **train_params}, state.buffers,
-                                                images)
+            out, new_buffers = forward({**fixed, **train_params}, state.buffers, images)
+            if checkpoint_activations:
+                # The backward's recomputation runs BatchNorm again, which updates these
+                # statistics a second time: keep the forward's values.
+                new_buffers = {k: v.clone() for k, v in new_buffers.items()}
             return losses.total_loss(out, masks, loss_fn, aux_weight), new_buffers
 
         train_params = {k: state.params[k] for k in trainable}
@@ -120,20 +147,24 @@ def _select(flag: Tensor, new: Any, old: Any) -> Any:
 
 def make_eval_step(model: nn.Module, loss_fn: Callable, num_classes: int, *,
                    ignore_index: int = 255, compile: bool | str = False,
-                   logits_fn: Callable | None = None
-                   ) -> Callable[[Params, Buffers, Batch], dict]:
+                   logits_fn: Callable | None = None, precision: str = "fp32",
+                   channels_last: bool = False) -> Callable[[Params, Buffers, Batch], dict]:
     """Eval step: the batch's confusion matrix, and its main-head loss times its image count
     (summed over a split and divided by the split's image count: the split's mean loss).
 
     logits_fn(forward, images) -> logits: how the main head is run over the images
     (seg.inference: sliding windows, test-time augmentation); default: one forward pass.
+    precision and channels_last as in `make_train_step`; predictions come from float32 logits.
     """
+    forward = _forward(model, precision, channels_last)
 
     @torch.no_grad()
     def step(params: Params, buffers: Buffers, batch: Batch) -> dict:
         images, masks = batch
-        forward = inference.model_forward(model, params, buffers)
-        logits = logits_fn(forward, images) if logits_fn else forward(images)
+        def main_head(x: Tensor) -> Tensor:
+            return forward(params, buffers, x)[0]["out"]
+
+        logits = logits_fn(main_head, images) if logits_fn else main_head(images)
         cm = metrics.confusion_matrix(metrics.predict(logits), masks, num_classes, ignore_index)
         return {"confusion": cm, "loss_sum": loss_fn(logits, masks).float() * images.shape[0]}
 
@@ -144,6 +175,23 @@ def make_eval_step(model: nn.Module, loss_fn: Callable, num_classes: int, *,
         return core(params, buffers, batch)
 
     return eval_step
+
+
+def _forward(model: nn.Module, precision: str, channels_last: bool) -> Callable:
+    """(params, buffers, images) -> (float32 outputs, new buffers) at the given precision and
+    memory format. Autocast covers the model only: losses and metrics see float32 logits."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision={precision!r} is not one of {PRECISIONS}")
+
+    def forward(params: Params, buffers: Buffers, images: Tensor) -> tuple[dict, Buffers]:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with (torch.autocast(images.device.type, dtype=torch.bfloat16) if precision == "bf16"
+              else contextlib.nullcontext()):  # fp32 leaves a caller's own autocast alone
+            out, new_buffers = functional.apply(model, params, buffers, images)
+        return {k: v.float() for k, v in out.items()}, new_buffers
+
+    return forward
 
 
 def _compiled(fn: Callable, compile: bool | str) -> Callable:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config.train.steps=6", "--config.train.batch_size=4", "--config.train.eval_every=3",
@@ -105,6 +106,7 @@ def test_misspelt_override_is_one_line_error(tmp_path):
     ("--config.optimizer.name=lamb", "optimizer.name"),
     ("--config.train.freeze=('encoder',)", "train.freeze"),
     ("--config.data.scale_range=(2.0,0.5)", "data.scale_range"),
+    ("--config.train.precision=fp16", "train.precision"),
 ])
 def test_bad_config_values_are_one_line_errors(tmp_path, override, field):
     proc = train(tmp_path / "w", override, check=False)
@@ -132,3 +134,24 @@ def test_augmented_run_with_workers_and_no_test_split(tmp_path):
     assert [(r["step"], r["split"]) for r in records] == [(2, "train"), (3, "train"), (3, "val")]
     summary = json.loads((workdir / "summary.json").read_text())
     assert set(summary["last_eval"]) == {"val"}
+def test_checkpointing_with_compile_is_a_one_line_error(tmp_path):
+    proc = train(tmp_path / "w", "--config.train.checkpoint_activations=True",
+                 "--config.train.compile=True", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert "train.checkpoint_activations" in lines[0] and "train.compile" in lines[0]
+
+
+def test_fast_path_fields_reach_the_steps(finished_run, tmp_path):
+    fp32, _ = finished_run
+    fast = tmp_path / "fast"
+    train(fast, "--config.train.precision=bf16", "--config.train.channels_last=True",
+          "--config.train.checkpoint_activations=True")
+    ref, got = read_jsonl(fp32 / "metrics.jsonl"), read_jsonl(fast / "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in ref]
+    for a, b in zip(ref, got):  # bf16 forward (train and eval): close, not equal
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
+    assert any(a["loss"] != b["loss"] for a, b in zip(ref, got))
+    saved = torch.load(fast / "checkpoints" / "ckpt_00000006.pt", weights_only=True)
+    weight = saved["state"]["params"]["inc.0.weight"]
+    assert weight.is_contiguous(memory_format=torch.channels_last) and weight.dtype == torch.float32

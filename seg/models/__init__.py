@@ -1,13 +1,20 @@
 """Model definitions and the registry that builds them from `config.model`."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from seg.models.deeplabv3 import DeepLabV3
 from seg.models.fcn import FCNResNet, FCNVGG
 from seg.models.pspnet import PSPNet
 from seg.models.twostream import TwoStreamPSPNet
-from seg.models.unet import UNet
+from seg.models.unet import DoubleConv, UNet
+
+# The units that train.checkpoint_activations recomputes in the backward: each ResNet block
+# and each UNet double conv; their outputs are what the following layers need anyway.
+CHECKPOINT_BLOCKS = (BasicBlock, Bottleneck, DoubleConv)
 
 _NAMES = ("unet", "pspnet", "deeplabv3", "fcn", "fcn_resnet", "twostream")
 
@@ -67,10 +74,22 @@ def build(model_cfg, num_outputs: int) -> nn.Module:
     raise ValueError(f"model.name={name!r} is not one of {_NAMES}")
 
 
+def forward_flops(model_cfg, num_outputs: int, size: tuple[int, int]) -> int:
+    """FLOPs of one eval-mode forward pass of one image, as torch.utils.flop_counter counts
+    them (2 per multiply-accumulate, convolutions and matrix products only), on the meta
+    device: no memory, no time."""
+    with torch.device("meta"):
+        model = build(model_cfg, num_outputs).eval()
+        x = torch.empty(1, 3, *size)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
 def param_count(model: nn.Module) -> int:
     """Number of parameters (trainable or not; buffers excluded)."""
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["DeepLabV3", "FCNResNet", "FCNVGG", "PSPNet", "TwoStreamPSPNet", "UNet", "build",
-           "param_count"]
+__all__ = ["CHECKPOINT_BLOCKS", "DeepLabV3", "FCNResNet", "FCNVGG", "PSPNet", "TwoStreamPSPNet",
+           "UNet", "build", "forward_flops", "param_count"]
