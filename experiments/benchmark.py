@@ -18,7 +18,9 @@ Modes (each skipped where it does not apply):
   checkpoint     eager with activation checkpointing of the ResNet / UNet blocks.
 All start from the same weights and see the same batch. Modes run round-robin, the order
 rotating each round, so machine drift hits all alike; "x imperative" is the median over rounds
-of the paired per-round ratio, which cancels the drift a ratio of medians would keep.
+of the paired per-round ratio, which cancels the drift a ratio of medians would keep; on CPU
+the same ratio of process CPU time is shown too (steadier where other jobs share the cores;
+OMP_WAIT_POLICY=passive keeps idle OpenMP threads from spinning into it).
 
 Reported per mode: step time (median and interquartile range over rounds), images/s, the first
 call's time (torch.compile's compile time for compiled modes), achieved TFLOP/s (3 x the forward
@@ -199,12 +201,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(run, n: int, device: torch.device) -> float:
+def timed(run, n: int, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of n steps. On a CPU shared with other jobs
+    the CPU time is the steadier measure of the work: preemption does not count in it."""
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run(n)
     sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 # ---------------------------------------------------------------- peak memory
@@ -269,22 +273,28 @@ def time_model(s: Setup, modes: list[str]) -> dict:
             continue
         before = torch.cuda.memory_allocated(s.device) if cuda_memory else 0
         runners[mode] = runner(s, mode)
-        first[mode] = timed(runners[mode], 1, s.device)
+        first[mode] = timed(runners[mode], 1, s.device)[0]
         progress(f"{s.name} {mode}: first call {first[mode]:.1f} s")
         if _WARMUP.value > 1:
             runners[mode](_WARMUP.value - 1)
         if cuda_memory:  # built and warmed one after another: the difference is this mode's
             resident[mode] = torch.cuda.memory_allocated(s.device) - before
-    times = {mode: [] for mode in runners}
+    times, cpu_times = {mode: [] for mode in runners}, {mode: [] for mode in runners}
     order = list(runners)
     steps = _STEPS.value or (5 if s.device.type == "cuda" else 1)
     for r in range(_ROUNDS.value or (10 if s.device.type == "cuda" else 5)):
         k = r % len(order)
         for mode in order[k:] + order[:k]:
-            times[mode].append(timed(runners[mode], steps, s.device) / steps)
+            wall, cpu = timed(runners[mode], steps, s.device)
+            times[mode].append(wall / steps)
+            cpu_times[mode].append(cpu / steps)
         progress(f"{s.name}: round {r + 1} done")
     for mode, ts in times.items():
         m = result["modes"][mode] = summarise(s, mode, ts, times.get("imperative"), first[mode])
+        if s.device.type == "cpu":
+            cs = cpu_times[mode]
+            m.update(cpu_s_median=statistics.median(cs), cpu_s_all=cs,
+                     x_imperative_cpu=paired_ratio(cs, cpu_times.get("imperative")))
         if cuda_memory:
             m["peak_mem_bytes"] = resident[mode] + cuda_step_peak(runners[mode], s.device)
     del runners
@@ -297,6 +307,11 @@ def time_model(s: Setup, modes: list[str]) -> dict:
     return result
 
 
+def paired_ratio(ts: list[float], base: list[float] | None) -> float | None:
+    """Median over rounds of this round's time over the baseline's in the same round."""
+    return statistics.median(t / b for t, b in zip(ts, base)) if base else None
+
+
 def summarise(s: Setup, mode: str, ts: list[float], base: list[float] | None,
               first: float) -> dict:
     med = statistics.median(ts)
@@ -304,7 +319,7 @@ def summarise(s: Setup, mode: str, ts: list[float], base: list[float] | None,
     out = {"step_s_median": med, "step_s_q1": q1, "step_s_q3": q3, "step_s_all": ts,
            "images_per_s": s.batch_size / med, "first_call_s": first,
            "tflops": s.train_gflop / med / 1e3,
-           "x_imperative": statistics.median(t / b for t, b in zip(ts, base)) if base else None}
+           "x_imperative": paired_ratio(ts, base)}
     if s.device.type == "cuda":
         bf16 = (MODES[mode] or {}).get("precision") == "bf16"
         out["peak_tflops"] = _PEAK.value if bf16 else _PEAK32.value
@@ -321,11 +336,13 @@ def table_head(gpu: bool) -> str:
 def table_rows(r: dict, gpu: bool) -> str:
     rows = []
     for mode, m in r["modes"].items():
-        mem, ratio = m.get("peak_mem_bytes"), m["x_imperative"]
+        mem, ratio, ratio_cpu = m.get("peak_mem_bytes"), m["x_imperative"], m.get(
+            "x_imperative_cpu")
         rows.append(
             f"| {r['label']} | {mode} | {m['step_s_median'] * 1e3:.0f} ms "
             f"({m['step_s_q1'] * 1e3:.0f}-{m['step_s_q3'] * 1e3:.0f}) | "
-            f"{m['images_per_s']:.2f} | {'' if ratio is None else f'{ratio:.3f}'} | "
+            f"{m['images_per_s']:.2f} | {'' if ratio is None else f'{ratio:.3f}'}"
+            f"{'' if ratio_cpu is None else f' (CPU time {ratio_cpu:.3f})'} | "
             f"{m['first_call_s']:.1f} s | "
             f"{'n/a' if mem is None else f'{mem / 2**20:.0f} MiB'} | {m['tflops']:.3f} |"
             + (f" {m['pct_peak']:.1f} |" if gpu else ""))
