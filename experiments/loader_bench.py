@@ -1,4 +1,4 @@
-"""Input-pipeline benchmark: images/s of seg.data.loader.train_batches alone (no model).
+"""Input-pipeline benchmark: images/s of seg.data.batches.train_batches alone (no model).
 
   python experiments/loader_bench.py                      # CamVid 360x480, full train augmentation
   python experiments/loader_bench.py --config=configs/pspnet.py --out=loader.json
@@ -24,7 +24,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from configs import common, presets  # noqa: E402
 from seg import data, writers  # noqa: E402
-from seg.data import loader, transforms  # noqa: E402
+from seg.data import batches, augment  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file; default: CamVid (above).")
 _ROOT = flags.DEFINE_string("root", None, "CamVid folder (no --config); default: the preset's.")
@@ -46,14 +46,14 @@ def camvid_config(root: str | None):
 
 
 def images_per_s(dataset, transform, cfg, workers: int, device: torch.device) -> float:
-    batches = loader.train_batches(dataset, transform, cfg.train.batch_size, cfg.seed,
+    stream = batches.train_batches(dataset, transform, cfg.train.batch_size, cfg.seed,
                                    device=device, workers=workers, prefetch=cfg.data.prefetch)
     for _ in range(_WARMUP.value):
-        next(batches)
+        next(stream)
     sync(device)
     start = time.perf_counter()
     for _ in range(_STEPS.value):
-        next(batches)
+        next(stream)
     sync(device)
     return _STEPS.value * cfg.train.batch_size / (time.perf_counter() - start)
 
@@ -68,7 +68,7 @@ def main(argv):
     cfg = _CONFIG.value if _CONFIG.value is not None else camvid_config(_ROOT.value)
     device = torch.device(_DEVICE.value)
     dataset = data.build(cfg.data, "train")
-    transform = transforms.train_transform(cfg.data, dataset.info)
+    transform = augment.train_transform(cfg.data, dataset.info)
     image, _ = dataset.read(0)
     print(f"{cfg.data.name}: {len(dataset)} train images, first {tuple(image.shape[1:])}, "
           f"batch {cfg.train.batch_size}, {os.cpu_count()} CPUs\n{transform}")

@@ -1,6 +1,6 @@
 """Read throughput of the storage options (seed 004's question: are caches worth it?).
 
-  python experiments/storage_bench.py --dataset=camvid --split=train --out=storage.json
+  python experiments/storage_bench.py --dataset=camvid --split=train --out=cache.json
 
 For raw files, a memmap cache and an hdf5 cache (reported unavailable without h5py) of one split,
 it times `read(i)` (decode or slice, with the reader's checks: the sample a DataLoader worker

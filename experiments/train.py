@@ -35,7 +35,7 @@ from seg import runtime  # noqa: E402
 from seg import checkpoint, data, distributed, functional, losses, models  # noqa: E402
 from seg import inference, optim, visualize, writers  # noqa: E402
 from seg import train as seg_train  # noqa: E402
-from seg.data import loader, transforms  # noqa: E402
+from seg.data import augment, batches as loader_batches  # noqa: E402
 from seg.data.dataset import SegDataset  # noqa: E402
 from seg.models import weights  # noqa: E402
 
@@ -181,7 +181,7 @@ def build_data(data_cfg) -> dict:
     for role in ("train", "val", "test"):
         if data_cfg[f"{role}_split"]:   # data.build reads the dataset's split named there
             dataset = data.build(data_cfg, role)
-            make = transforms.train_transform if role == "train" else transforms.eval_transform
+            make = augment.train_transform if role == "train" else augment.eval_transform
             splits[role] = Split(dataset, make(data_cfg, dataset.info))
     info = splits["train"].dataset.info
     if info.num_classes != data_cfg.num_classes:
@@ -308,7 +308,7 @@ def evaluate(eval_step, state, split: Split, stats, cfg, device, world: World) -
     ranks each runs its shard and the confusion matrices are summed, so the numbers are the
     single-process ones."""
     d = cfg.data
-    batches = loader.eval_batches(split.dataset, split.transform, cfg.train.eval_batch_size,
+    batches = loader_batches.eval_batches(split.dataset, split.transform, cfg.train.eval_batch_size,
                                   device=device, workers=d.workers, pad_multiple=d.pad_multiple,
                                   rank=world.rank, world_size=world.size,
                                   mean=stats[0], std=stats[1], prefetch=d.prefetch)
@@ -322,7 +322,7 @@ def picture_batch(split: Split, stats, cfg, device):
     n = min(cfg.train.num_pictures, len(split.dataset))
     if n == 0:
         return None
-    return next(loader.eval_batches(split.dataset, split.transform, n, device=device,
+    return next(loader_batches.eval_batches(split.dataset, split.transform, n, device=device,
                                     pad_multiple=cfg.data.pad_multiple, mean=stats[0],
                                     std=stats[1]))
 
@@ -450,7 +450,7 @@ def train(cfg, workdir, device, splits, model, params, buffers, optimizer, sched
                                          channels_last=cfg.train.channels_last)
     pictures = picture_batch(splits["val"], stats, cfg, device) if world.writes else None
     # Batches are a pure function of the global step: the data position is that step.
-    batches = loader.train_batches(*splits["train"], cfg.train.batch_size, cfg.seed,
+    batches = loader_batches.train_batches(*splits["train"], cfg.train.batch_size, cfg.seed,
                                    start_step=start, device=device, workers=cfg.data.workers,
                                    prefetch=cfg.data.prefetch, rank=world.rank,
                                    world_size=world.size)

@@ -25,7 +25,7 @@ import torch.distributed as dist  # noqa: E402
 from configs import unet  # noqa: E402
 from seg import distributed, functional, losses, models, optim  # noqa: E402
 from seg import train as seg_train  # noqa: E402
-from seg.data import loader, synthetic  # noqa: E402
+from seg.data import batches, synthetic  # noqa: E402
 
 STEPS, GLOBAL_BATCH = 3, 4
 MODEL = ml_collections.ConfigDict(dict(name="unet", base_channels=8, depth=2, bilinear=False,
@@ -56,8 +56,8 @@ def global_batches(data):
     """STEPS global batches; every pixel labelled (ignore -> background) so that each rank's
     mean loss has the same normaliser and the mean of the rank means is the global mean."""
     for step in range(STEPS):
-        images = loader.normalize(data.images[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH],
-                                    data.mean, data.std)
+        images = batches.normalize(data.images[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH],
+                                   data.mean, data.std)
         masks = data.masks[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH].long()
         yield images, torch.where(masks == synthetic.IGNORE_INDEX, 0, masks)
 
@@ -128,15 +128,15 @@ def _eval_step():
 
 def sharded_eval(params, buffers, data) -> dict:
     # 12 images: 6 per rank, in batches of 5 and 1
-    batches = loader.eval_batches(data, None, 5, rank=dist.get_rank(),
-                                  world_size=dist.get_world_size())
-    out = seg_train.evaluate(_eval_step(), params, buffers, batches,
+    shard = batches.eval_batches(data, None, 5, rank=dist.get_rank(),
+                                 world_size=dist.get_world_size())
+    out = seg_train.evaluate(_eval_step(), params, buffers, shard,
                              reduce=distributed.sum_across)
     return {k: out[k] for k in ("confusion_matrix", "miou", "loss")}
 
 
 def single_eval(params, buffers, data) -> dict:
-    out = seg_train.evaluate(_eval_step(), params, buffers, loader.eval_batches(data, None, 5))
+    out = seg_train.evaluate(_eval_step(), params, buffers, batches.eval_batches(data, None, 5))
     return {k: out[k] for k in ("confusion_matrix", "miou", "loss")}
 
 

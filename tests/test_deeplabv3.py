@@ -45,6 +45,8 @@ def test_aspp_rates_follow_the_paper(output_stride, rates):
     model = DeepLabV3(3, backbone="resnet18", output_stride=output_stride, aux=False)
     one_by_one = ((1, 1), (1, 1), (0, 0))
     assert _dilations(model) == [one_by_one] + [((3, 3), (r, r), (r, r)) for r in rates]
+    paper = DeepLabV3(3, backbone="resnet18", output_stride=output_stride, aux=False, rates=())
+    assert _dilations(paper) == _dilations(model)  # empty (the config's default): the paper's
     custom = DeepLabV3(3, backbone="resnet18", output_stride=output_stride, rates=(2, 5))
     assert _dilations(custom)[1:] == [((3, 3), (2, 2), (2, 2)), ((3, 3), (5, 5), (5, 5))]
     assert custom.classifier[0].project[0].in_channels == 4 * 256  # 1x1 + 2 rates + pooling
@@ -140,7 +142,7 @@ def test_train_step_traces_as_one_graph():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(num_outputs=0), "num_outputs=0"), (dict(backbone="vgg16"), "name='vgg16'"),
-    (dict(output_stride=4), "output_stride=4"), (dict(rates=()), "rates"),
+    (dict(output_stride=4), "output_stride=4"),
     (dict(rates=(6, 0)), "rates"), (dict(rates=(6.0,)), "rates")])
 def test_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

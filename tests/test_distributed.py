@@ -16,7 +16,7 @@ from torch import nn
 
 from seg import checkpoint, distributed, functional, losses, models, optim
 from seg import train as seg_train
-from seg.data import loader, synthetic
+from seg.data import batches, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,7 +40,7 @@ def test_world_info_reads_torchrun_variables():
 
 def test_eval_needs_an_image_per_rank(data):
     with pytest.raises(ValueError, match="12 images cannot give each of 13 ranks one"):
-        next(loader.eval_batches(data, None, 5, world_size=13, rank=0))
+        next(batches.eval_batches(data, None, 5, world_size=13, rank=0))
 
 
 # ---------------------------------------------------------------- SyncBatchNorm2d, one rank
@@ -179,7 +179,7 @@ def test_script_val_metrics_equal_a_single_process_eval_of_its_checkpoint(torchr
     val = synthetic.generate("val", 8, 32, num_classes=3, seed=0)
     state = saved["state"]
     result = seg_train.evaluate(eval_step, state["params"], state["buffers"],
-                                loader.eval_batches(val, None, 8))
+                                batches.eval_batches(val, None, 8))
     record = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
               if '"val"' in line][-1]
     assert record["confusion_matrix"] == result["confusion_matrix"]

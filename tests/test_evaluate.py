@@ -15,7 +15,7 @@ import torchvision
 from configs import unet
 from experiments import evaluate
 from seg import data, visualize
-from seg.data import loader
+from seg.data import batches
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("shared_synthetic_data", "one_thread")
@@ -106,5 +106,5 @@ def test_prediction_pictures_of_the_run(run_dir):
     truth = visualize.colorize(val.masks[1], visualize.palette_tensor(val.info.palette, 3))
     assert torch.equal(picture[:, 36:68, 36:68], truth)  # row 1, column 1: its ground truth
     assert torch.equal(picture[:, 2:34, 2:34], val.images[0])  # row 0, column 0: the image
-    images, _ = next(loader.eval_batches(val, None, 2))
+    images, _ = next(batches.eval_batches(val, None, 2))
     assert torch.equal(visualize.unnormalize(images, val.mean, val.std), val.images[:2])

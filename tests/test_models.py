@@ -214,6 +214,11 @@ def test_build_reads_config_fields():
     assert psp.backbone.layer3[0].conv1.stride == (2, 2)  # not dilated at stride 16
     with pytest.raises(ValueError, match="model.name='x'"):
         build(ml_collections.ConfigDict(dict(name="x")), num_outputs=2)
+    # fields the config leaves out are the definition's defaults; a field it lacks is named
+    assert build(ml_collections.ConfigDict(dict(name="unet", backbone_weights="")), 3
+                 ).outc.in_channels == 64
+    with pytest.raises(ValueError, match=r"model\.bin is not a field of model\.name='pspnet'"):
+        build(ml_collections.ConfigDict(dict(name="pspnet", bin=(1,))), num_outputs=2)
 
 
 _MODELS = {

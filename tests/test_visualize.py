@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from seg import visualize
-from seg.data import loader
+from seg.data import batches
 
 PALETTE = ((10, 20, 30), (40, 50, 60), (70, 80, 90))
 
@@ -51,7 +51,7 @@ def test_bad_palette_is_an_error(palette):
 def test_unnormalize_inverts_the_pipelines_normalize(mean, std):
     images = torch.randint(0, 256, (2, 3, 9, 7), dtype=torch.uint8)
     images[0, :, 0, 0], images[0, :, 0, 1] = 0, 255  # both ends of the range
-    assert torch.equal(visualize.unnormalize(loader.normalize(images, mean, std), mean, std),
+    assert torch.equal(visualize.unnormalize(batches.normalize(images, mean, std), mean, std),
                        images)
 
 

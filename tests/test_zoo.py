@@ -9,7 +9,7 @@ from torch import nn
 
 from configs import deeplabv3, fcn8s, fcn16s, fcn32s, fcn_resnet50, pspnet, pspnet_seed004, unet
 from seg import functional, losses, models, optim
-from seg.data import loader, synthetic
+from seg.data import batches, synthetic
 from seg import train as seg_train
 
 # config module -> model overrides that keep the architecture but make it test-sized
@@ -48,7 +48,7 @@ def setup(name, compile=False):
 def batch(size=(64, 64), b=2):
     """Real samples of the embedded dataset: a learnable batch, unlike random labels."""
     data = synthetic.generate("train", b, image_size=size)
-    return loader.normalize(data.images, data.mean, data.std), data.masks.long()
+    return batches.normalize(data.images, data.mean, data.std), data.masks.long()
 
 
 # torch classes that ours derive from, with a way to make a plain instance to compare against

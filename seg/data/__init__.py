@@ -3,17 +3,17 @@
 data.name: synthetic (generated, the default) | folder | camvid | voc | pets (read from
 data.root, never downloaded). split "train" / "val" / "test" reads the dataset's split named by
 data.train_split / val_split / test_split. Readers: folder.py (folder, camvid), voc.py, pets.py;
-shared decoding and checks: reading.py; memmap / hdf5 caches (data.storage): storage.py.
+shared decoding and checks: files.py; memmap / hdf5 caches (data.storage): cache.py.
 """
 from __future__ import annotations
 
-from seg.data import folder, pets, reading, storage, voc
+from seg.data import cache, camvid, files, folder, pets, voc
 from seg.data.dataset import DatasetInfo, SegDataset
-from seg.data.reading import DataError
+from seg.data.files import DataError
 from seg.data.synthetic import CLASS_NAMES, IGNORE_INDEX, generate
 
 SPLITS = ("train", "val", "test")
-READERS = {"folder": folder.open_folder, "camvid": folder.open_camvid, "voc": voc.open_voc,
+READERS = {"folder": folder.open_folder, "camvid": camvid.open_camvid, "voc": voc.open_voc,
            "pets": pets.open_pets}
 DATASETS = ("synthetic", *READERS)
 
@@ -27,8 +27,8 @@ def build(data_cfg, split: str) -> SegDataset:
         return _synthetic(data_cfg, split)
     ds = READERS[data_cfg.name](data_cfg, f"{split}_split")
     if data_cfg.verify:
-        reading.verify(ds)
-    return storage.cached(ds, data_cfg, data_cfg[f"{split}_split"])
+        files.verify(ds)
+    return cache.cached(ds, data_cfg, data_cfg[f"{split}_split"])
 
 
 def _synthetic(data_cfg, split: str):

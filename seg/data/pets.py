@@ -14,8 +14,8 @@ import os
 import torch
 from torch import Tensor
 
-from seg.data import reading
-from seg.data.reading import DataError, PairedFiles
+from seg.data import files
+from seg.data.files import DataError, PairedFiles
 
 PET_CLASSES = ("background", "cat", "dog")
 PET_PALETTE = ((0, 0, 0), (255, 128, 0), (0, 128, 255))
@@ -25,15 +25,15 @@ _PET, _BACKGROUND, _BORDER = 1, 2, 3   # trimap values
 
 
 def open_pets(data_cfg, split_field: str) -> PairedFiles:
-    root = reading.find_root(data_cfg, [""], "annotations/trainval.txt",
-                             "Oxford-IIIT Pet folder with images/ and annotations/")
-    split = reading.split_value(data_cfg, split_field)
+    root = files.find_root(data_cfg, [""], "annotations/trainval.txt",
+                           "Oxford-IIIT Pet folder with images/ and annotations/")
+    split = files.split_value(data_cfg, split_field)
     if split not in SPLITS:
         raise DataError(f"data.{split_field}={split!r} is not an Oxford-IIIT Pet split {SPLITS}")
-    reading.check_num_classes(data_cfg, len(PET_CLASSES), "Oxford-IIIT Pet (seed 004's task)")
+    files.check_num_classes(data_cfg, len(PET_CLASSES), "Oxford-IIIT Pet (seed 004's task)")
     # ImageNet statistics for "dataset" too: the seed normalises with them
-    info = reading.make_info("pets", PET_CLASSES, data_cfg.ignore_index, data_cfg.normalize,
-                             (reading.IMAGENET_MEAN, reading.IMAGENET_STD), PET_PALETTE)
+    info = files.make_info("pets", PET_CLASSES, data_cfg.ignore_index, data_cfg.normalize,
+                           (files.IMAGENET_MEAN, files.IMAGENET_STD), PET_PALETTE)
     rows = _rows(root, "test" if split == "test" else "trainval")
     if split == "val":
         rows = rows[_VAL_EVERY - 1::_VAL_EVERY]
@@ -41,7 +41,7 @@ def open_pets(data_cfg, split_field: str) -> PairedFiles:
         rows = [r for k, r in enumerate(rows) if k % _VAL_EVERY != _VAL_EVERY - 1]
     pairs = [(os.path.join(root, "images", name + ".jpg"),
               os.path.join(root, "annotations", "trimaps", name + ".png")) for name, _ in rows]
-    reading.check_exist(pairs)
+    files.check_exist(pairs)
     return PetTrimaps(info, pairs, [species for _, species in rows])
 
 
@@ -49,7 +49,7 @@ def _rows(root: str, listed: str) -> list[tuple[str, int]]:
     """(name, species) per line of annotations/<listed>.txt."""
     path = os.path.join(root, "annotations", listed + ".txt")
     rows = []
-    for line in reading.read_lines(path):
+    for line in files.read_lines(path):
         fields = line.split()
         if len(fields) != 4 or fields[2] not in ("1", "2"):
             raise DataError(f"{path}: line {line!r} is not 'name class_id species(1|2) breed_id'")
@@ -63,7 +63,7 @@ class PetTrimaps(PairedFiles):
     def __init__(self, info, pairs, species: list[int]):
         super().__init__(info, pairs)
         self.species = species
-        self._trimap_values = reading.value_table((_PET, _BACKGROUND, _BORDER))
+        self._trimap_values = files.value_table((_PET, _BACKGROUND, _BORDER))
         self._luts = {}
         for s in (1, 2):
             lut = torch.full((256,), info.ignore_index, dtype=torch.uint8)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from seg.data import reading
-from seg.data.reading import DataError, PairedFiles
+from seg.data import files
+from seg.data.files import DataError, PairedFiles
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
                "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
@@ -40,17 +40,17 @@ def voc_palette(n: int = 256) -> tuple[tuple[int, int, int], ...]:
 
 
 def open_voc(data_cfg, split_field: str) -> PairedFiles:
-    voc = reading.find_root(data_cfg, ["VOCdevkit/VOC2012", "VOC2012", ""],
-                            "ImageSets/Segmentation", _LAYOUT)
-    reading.check_num_classes(data_cfg, len(VOC_CLASSES), "PASCAL VOC")
+    voc = files.find_root(data_cfg, ["VOCdevkit/VOC2012", "VOC2012", ""],
+                          "ImageSets/Segmentation", _LAYOUT)
+    files.check_num_classes(data_cfg, len(VOC_CLASSES), "PASCAL VOC")
     if data_cfg.ignore_index != 255:
         raise DataError(f"data.ignore_index={data_cfg.ignore_index} but VOC masks mark borders "
                         f"with 255: set --config.data.ignore_index=255")
     # VOC has no train statistics in common use: "dataset" means ImageNet's, as in the
     # torchvision and mmsegmentation recipes
-    info = reading.make_info("voc", VOC_CLASSES, 255, data_cfg.normalize,
-                             (reading.IMAGENET_MEAN, reading.IMAGENET_STD),
-                             voc_palette(len(VOC_CLASSES)))
+    info = files.make_info("voc", VOC_CLASSES, 255, data_cfg.normalize,
+                           (files.IMAGENET_MEAN, files.IMAGENET_STD),
+                           voc_palette(len(VOC_CLASSES)))
     ids, sbd_masks = _ids(voc, data_cfg, split_field), {}
     if data_cfg.sbd_root and split_field == "train_split":
         ids, sbd_masks = _with_sbd(voc, data_cfg, ids)
@@ -62,14 +62,14 @@ def open_voc(data_cfg, split_field: str) -> PairedFiles:
             return sbd_masks[i]
         return os.path.join(voc_masks, i + ".png")
     pairs = [(os.path.join(voc, "JPEGImages", i + ".jpg"), mask_file(i)) for i in ids]
-    reading.check_exist(pairs)
+    files.check_exist(pairs)
     return SbdAwarePairs(info, pairs)
 
 
 def _ids(voc: str, data_cfg, split_field: str) -> list[str]:
-    split = reading.split_value(data_cfg, split_field)
+    split = files.split_value(data_cfg, split_field)
     path = os.path.join(voc, "ImageSets", "Segmentation", split + ".txt")
-    return reading.read_lines(path, f"data.{split_field}")
+    return files.read_lines(path, f"data.{split_field}")
 
 
 def _with_sbd(voc: str, data_cfg, voc_train: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -78,8 +78,8 @@ def _with_sbd(voc: str, data_cfg, voc_train: list[str]) -> tuple[list[str], dict
     if os.path.isdir(os.path.join(sbd, "dataset", "cls")):
         sbd = os.path.join(sbd, "dataset")
     if os.path.isdir(os.path.join(sbd, "cls")):
-        sbd_ids = (reading.read_lines(os.path.join(sbd, "train.txt"))
-                   + reading.read_lines(os.path.join(sbd, "val.txt")))
+        sbd_ids = (files.read_lines(os.path.join(sbd, "train.txt"))
+                   + files.read_lines(os.path.join(sbd, "val.txt")))
         sbd_masks = {i: os.path.join(sbd, "cls", i + ".mat") for i in sbd_ids}
     elif os.path.isdir(sbd) and any(f.endswith(".png") for f in os.listdir(sbd)):
         sbd_masks = {f[:-4]: os.path.join(sbd, f) for f in os.listdir(sbd) if f.endswith(".png")}

@@ -1,6 +1,8 @@
 """Model definitions and the registry that builds them from `config.model`."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -16,62 +18,28 @@ from seg.models.unet import DoubleConv, UNet
 # and each UNet double conv; their outputs are what the following layers need anyway.
 CHECKPOINT_BLOCKS = (BasicBlock, Bottleneck, DoubleConv)
 
-_NAMES = ("unet", "pspnet", "deeplabv3", "fcn", "fcn_resnet", "twostream")
+# model.name -> the definition; every other field of config.model is a keyword argument of it
+MODELS = {"unet": UNet, "pspnet": PSPNet, "deeplabv3": DeepLabV3, "fcn": FCNVGG,
+          "fcn_resnet": FCNResNet, "twostream": TwoStreamPSPNet}
+# config.model fields that say where the weights come from, not what the model is
+INIT_FIELDS = frozenset({"name", "backbone_weights"})
 
 
 def build(model_cfg, num_outputs: int) -> nn.Module:
-    """Build the model named by `model_cfg.name`; missing fields take the constructors' defaults."""
+    """MODELS[model.name](num_outputs, **the other fields of model_cfg): fields the config leaves
+    out take the definition's defaults, and a field the definition does not have is an error
+    naming it."""
     name = model_cfg.get("name")
-    if name == "unet":
-        return UNet(
-            num_outputs,
-            base_channels=model_cfg.get("base_channels", 64),
-            depth=model_cfg.get("depth", 4),
-            bilinear=model_cfg.get("bilinear", False),
-            dropout=model_cfg.get("dropout", 0.5),
-        )
-    if name == "pspnet":
-        return PSPNet(
-            num_outputs,
-            backbone=model_cfg.get("backbone", "resnet50"),
-            output_stride=model_cfg.get("output_stride", 8),
-            bins=tuple(model_cfg.get("bins", (1, 2, 3, 6))),
-            pool=model_cfg.get("pool", "avg"),
-            dropout=model_cfg.get("dropout", 0.1),
-            aux=model_cfg.get("aux", True),
-        )
-    if name == "deeplabv3":
-        return DeepLabV3(
-            num_outputs,
-            backbone=model_cfg.get("backbone", "resnet50"),
-            output_stride=model_cfg.get("output_stride", 8),
-            aux=model_cfg.get("aux", True),
-            rates=tuple(model_cfg.get("rates", ())) or None,  # empty: the paper's rates
-        )
-    if name == "fcn":
-        return FCNVGG(
-            num_outputs,
-            variant=model_cfg.get("variant", "8s"),
-            backbone=model_cfg.get("backbone", "vgg16"),
-            dropout=model_cfg.get("dropout", 0.5),
-            fc_channels=model_cfg.get("fc_channels", 4096),
-        )
-    if name == "fcn_resnet":
-        return FCNResNet(
-            num_outputs,
-            backbone=model_cfg.get("backbone", "resnet50"),
-            output_stride=model_cfg.get("output_stride", 8),
-            aux=model_cfg.get("aux", True),
-            dropout=model_cfg.get("dropout", 0.1),
-        )
-    if name == "twostream":
-        return TwoStreamPSPNet(
-            num_outputs,
-            backbone=model_cfg.get("backbone", "resnext50_32x4d"),
-            bins=tuple(model_cfg.get("bins", (1, 2, 3, 6))),
-            dropout=model_cfg.get("dropout", 0.1),
-        )
-    raise ValueError(f"model.name={name!r} is not one of {_NAMES}")
+    if name not in MODELS:
+        raise ValueError(f"model.name={name!r} is not one of {tuple(MODELS)}")
+    cls = MODELS[name]
+    kwargs = {k: v for k, v in model_cfg.items() if k not in INIT_FIELDS}
+    accepted = inspect.signature(cls).parameters
+    unknown = sorted(k for k in kwargs if k not in accepted)
+    if unknown:
+        raise ValueError(f"model.{unknown[0]} is not a field of model.name={name!r} "
+                         f"({cls.__name__} takes {', '.join(list(accepted)[1:])})")
+    return cls(num_outputs, **kwargs)
 
 
 def forward_flops(model_cfg, num_outputs: int, size: tuple[int, int]) -> int:
@@ -91,5 +59,5 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["CHECKPOINT_BLOCKS", "DeepLabV3", "FCNResNet", "FCNVGG", "PSPNet", "TwoStreamPSPNet",
+__all__ = ["CHECKPOINT_BLOCKS", "MODELS", "DeepLabV3", "FCNResNet", "FCNVGG", "PSPNet", "TwoStreamPSPNet",
            "UNet", "build", "forward_flops", "param_count"]

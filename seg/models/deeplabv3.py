@@ -75,18 +75,18 @@ class DeepLabV3(ResNetSegmenter):
     """DeepLabV3 on a dilated ResNet/ResNeXt; forward(x) -> {"out", "aux" (if aux)} at the
     input's size.
 
-    rates: the ASPP's atrous rates; None gives the paper's 6-12-18 scaled by 16 / output_stride
+    rates: the ASPP's atrous rates; empty gives the paper's 6-12-18 scaled by 16 / output_stride
     (12-24-36 at output stride 8, torchvision's choice). The auxiliary head (not in the paper;
     torchvision's FCNHead on layer3) is sized from CHANNELS, so any backbone there works.
     Backbone keeps torchvision's init; the heads use init_like_resnet_ and init_logits_.
     """
 
     def __init__(self, num_outputs: int, backbone: str = "resnet50", output_stride: int = 8,
-                 aux: bool = True, rates: Sequence[int] | None = None):
+                 aux: bool = True, rates: Sequence[int] = ()):
         check_head_args(num_outputs)
         layers = ("layer3", "layer4") if aux else ("layer4",)
         net = resnet(backbone, output_stride, layers)
-        if rates is None:
+        if not rates:
             rates = tuple(r * _PAPER_STRIDE // output_stride for r in _PAPER_RATES)
         c3, c4 = CHANNELS[backbone]
         super().__init__(net, DeepLabHead(c4, num_outputs, tuple(rates)),

@@ -1,4 +1,4 @@
-"""seg.data.transforms: image and mask stay aligned, padding is ignore, sizes are exact."""
+"""seg.data.augment: image and mask stay aligned, padding is ignore, sizes are exact."""
 from __future__ import annotations
 
 import ml_collections
@@ -10,7 +10,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from configs import common
 from conftest import decode, palette_coded
-from seg.data import synthetic, transforms
+from seg.data import synthetic, augment
 
 
 def data_cfg(**overrides) -> ml_collections.ConfigDict:
@@ -27,7 +27,7 @@ def coded():
 
 def outputs(transform, dataset, draws=4):
     torch.manual_seed(0)
-    return [transforms.apply(transform, *dataset.read(i)) for i in range(len(dataset))
+    return [augment.apply(transform, *dataset.read(i)) for i in range(len(dataset))
             for _ in range(draws)]
 
 
@@ -44,7 +44,7 @@ def interior(mask, radius=2):
 def test_full_augmentation_keeps_every_interior_pixel_aligned(coded):
     cfg = data_cfg(scale_range=(0.5, 2.0), crop_size=(32, 40), perspective=0.5)
     checked = total = 0
-    for image, mask in outputs(transforms.train_transform(cfg, coded.info), coded):
+    for image, mask in outputs(augment.train_transform(cfg, coded.info), coded):
         assert image.shape == (3, 32, 40) and mask.shape == (32, 40)
         assert image.dtype == mask.dtype == torch.uint8 and type(image) is torch.Tensor
         inside = interior(mask)
@@ -59,9 +59,9 @@ def test_crop_pad_and_flip_keep_every_pixel_aligned_and_pad_with_ignore():
                          dtype=torch.uint8)
     dataset = palette_coded([mask])
     cfg = data_cfg(crop_size=(28, 24))
-    fill = transforms.mean_colour(dataset.info.mean)
+    fill = augment.mean_colour(dataset.info.mean)
     flipped = 0
-    for image, out in outputs(transforms.train_transform(cfg, dataset.info), dataset, draws=12):
+    for image, out in outputs(augment.train_transform(cfg, dataset.info), dataset, draws=12):
         assert out.shape == (28, 24)
         rows = (out != 255).any(1).nonzero()[:, 0]
         top, bottom = int(rows[0]), int(rows[-1]) + 1
@@ -83,7 +83,7 @@ def test_crop_size_is_exact_for_any_input_size(size):
     dataset = palette_coded([torch.zeros(size, dtype=torch.uint8)])
     cfg = data_cfg(scale_range=(0.5, 2.0), crop_size=(24, 36), perspective=0.3,
                    color_jitter=0.4)
-    for image, mask in outputs(transforms.train_transform(cfg, dataset.info), dataset, draws=6):
+    for image, mask in outputs(augment.train_transform(cfg, dataset.info), dataset, draws=6):
         assert image.shape == (3, 24, 36) and mask.shape == (24, 36)
 
 
@@ -94,17 +94,17 @@ def test_masks_are_resized_and_warped_with_nearest():
     dataset = palette_coded([mask])
     cfg = data_cfg(resize=45, scale_range=(0.6, 1.7), crop_size=(30, 30), perspective=0.8)
     values = set()
-    for _, out in outputs(transforms.train_transform(cfg, dataset.info), dataset, draws=10):
+    for _, out in outputs(augment.train_transform(cfg, dataset.info), dataset, draws=10):
         values |= set(out.unique().tolist())
     assert values == {0, 200, 255}
 
 
 def test_random_scale_factor_and_sizes():
     dataset = palette_coded([torch.zeros(30, 41, dtype=torch.uint8)])
-    (image, mask), = outputs(transforms.train_transform(
+    (image, mask), = outputs(augment.train_transform(
         data_cfg(scale_range=(0.5, 0.5), hflip=False), dataset.info), dataset, draws=1)
     assert image.shape == (3, 15, 20) and mask.shape == (15, 20)   # round(20.5) = 20
-    sizes = {tuple(m.shape) for _, m in outputs(transforms.train_transform(
+    sizes = {tuple(m.shape) for _, m in outputs(augment.train_transform(
         data_cfg(scale_range=(0.5, 2.0)), dataset.info), dataset, draws=20)}
     heights = [h for h, _ in sizes]
     assert len(sizes) > 10 and 15 <= min(heights) and max(heights) <= 60
@@ -113,15 +113,15 @@ def test_random_scale_factor_and_sizes():
 def test_resize_sets_the_shorter_side_with_bilinear_images():
     image = torch.randint(0, 256, (3, 30, 50), dtype=torch.uint8)
     mask = torch.randint(0, 3, (30, 50), dtype=torch.uint8)
-    t = transforms.train_transform(data_cfg(resize=24, hflip=False), palette_coded([]).info)
-    out_image, out_mask = transforms.apply(t, image, mask)
+    t = augment.train_transform(data_cfg(resize=24, hflip=False), palette_coded([]).info)
+    out_image, out_mask = augment.apply(t, image, mask)
     assert torch.equal(out_image, TF.resize(image, [24, 40], antialias=True))
     assert torch.equal(out_mask, TF.resize(mask[None], [24, 40],
                                            interpolation=InterpolationMode.NEAREST)[0])
 
 
 def test_colour_jitter_changes_the_image_only(coded):
-    t = transforms.train_transform(data_cfg(hflip=False, color_jitter=0.8), coded.info)
+    t = augment.train_transform(data_cfg(hflip=False, color_jitter=0.8), coded.info)
     changed = 0
     for i, (image, mask) in enumerate(outputs(t, coded, draws=2)):
         source_image, source_mask = coded.read(i // 2)
@@ -132,7 +132,7 @@ def test_colour_jitter_changes_the_image_only(coded):
 
 def test_perspective_fills_the_mask_with_ignore():
     dataset = palette_coded([torch.ones(32, 32, dtype=torch.uint8)])
-    t = transforms.train_transform(data_cfg(hflip=False, perspective=1.0), dataset.info)
+    t = augment.train_transform(data_cfg(hflip=False, perspective=1.0), dataset.info)
     warped = [m for _, m in outputs(t, dataset, draws=8) if (m != 1).any()]
     assert warped and all(set(m.unique().tolist()) == {1, 255} for m in warped)
 
@@ -140,37 +140,37 @@ def test_perspective_fills_the_mask_with_ignore():
 def test_default_config_is_flips_only(coded):
     image, mask = coded.read(0)
     seen = set()
-    t = transforms.train_transform(data_cfg(), coded.info)
+    t = augment.train_transform(data_cfg(), coded.info)
     torch.manual_seed(0)
     for _ in range(12):
-        out_image, out_mask = transforms.apply(t, image, mask)
+        out_image, out_mask = augment.apply(t, image, mask)
         same = torch.equal(out_image, image) and torch.equal(out_mask, mask)
         mirror = torch.equal(out_image, image.flip(-1)) and torch.equal(out_mask, mask.flip(-1))
         assert same or mirror
         seen.add(mirror)
     assert seen == {False, True}
-    assert transforms.train_transform(data_cfg(hflip=False), coded.info) is None
+    assert augment.train_transform(data_cfg(hflip=False), coded.info) is None
 
 
 def test_eval_transform_is_resize_then_centre_crop():
     image = torch.randint(0, 256, (3, 30, 50), dtype=torch.uint8)
     mask = torch.randint(0, 3, (30, 50), dtype=torch.uint8)
     info = palette_coded([]).info
-    t = transforms.eval_transform(data_cfg(resize=24, crop_size=(24, 24), scale_range=(0.5, 2.0),
-                                           perspective=0.5, color_jitter=0.5), info)
-    out_image, out_mask = transforms.apply(t, image, mask)
+    t = augment.eval_transform(data_cfg(resize=24, crop_size=(24, 24), scale_range=(0.5, 2.0),
+                                        perspective=0.5, color_jitter=0.5), info)
+    out_image, out_mask = augment.apply(t, image, mask)
     assert torch.equal(out_image, TF.center_crop(TF.resize(image, [24, 40], antialias=True),
                                                  [24, 24]))
     assert torch.equal(out_mask, TF.center_crop(TF.resize(
         mask[None], [24, 40], interpolation=InterpolationMode.NEAREST), [24, 24])[0])
     # whole images unless seed 004's preprocessing (data.resize) is asked for
-    assert transforms.eval_transform(data_cfg(crop_size=(24, 24), scale_range=(0.5, 2.0)),
-                                     info) is None
+    assert augment.eval_transform(data_cfg(crop_size=(24, 24), scale_range=(0.5, 2.0)),
+                                  info) is None
 
 
 def test_mean_colour_normalises_to_about_zero():
     dataset = palette_coded([], mean=(0.2, 0.5, 0.9), std=(0.1, 0.2, 0.3))
-    assert transforms.mean_colour(dataset.info.mean) == (51, 128, 230)
+    assert augment.mean_colour(dataset.info.mean) == (51, 128, 230)
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -184,4 +184,4 @@ def test_mean_colour_normalises_to_about_zero():
 ])
 def test_bad_config_is_one_line_naming_the_field(overrides, match):
     with pytest.raises(ValueError, match=match):
-        transforms.train_transform(data_cfg(**overrides), palette_coded([]).info)
+        augment.train_transform(data_cfg(**overrides), palette_coded([]).info)

@@ -29,7 +29,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from seg.data.dataset import SegDataset
-from seg.data.reading import DataError, PairedFiles
+from seg.data.files import DataError, PairedFiles
 
 VERSION = 1
 

@@ -21,12 +21,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from seg.data import transforms
+from seg.data import augment
 from seg.data.dataset import SegDataset
 from seg.data.synthetic import seeded_generator, stable_seed
 
 Batch = tuple[Tensor, Tensor]   # (images float32 (B,3,H,W) normalised, masks int64 (B,H,W))
-Transform = Callable   # seg.data.transforms' train_transform / eval_transform; None = none
+Transform = Callable   # seg.data.augment' train_transform / eval_transform; None = none
 
 
 def train_batches(dataset: SegDataset, transform: Transform | None, batch_size: int, seed: int,
@@ -71,7 +71,7 @@ def eval_batches(dataset: SegDataset, transform: Transform | None, batch_size: i
     keys = [(i, None) for i in share]
     sampler = [keys[k:k + batch_size] for k in range(0, len(keys), batch_size)]
     mean, std = _stats(dataset, mean, std)
-    collate = _Padder(pad_multiple, transforms.mean_colour(mean), dataset.info.ignore_index)
+    collate = _Padder(pad_multiple, augment.mean_colour(mean), dataset.info.ignore_index)
     host = _loader(dataset, transform, sampler, collate, device, workers, 0, persistent=False)
     return _on_device(host, device, prefetch, mean, std)
 
@@ -141,7 +141,7 @@ class _Transformed(Dataset):
         if seed is not None:
             # only the CPU generator: torch.manual_seed would also reseed CUDA's
             torch.default_generator.manual_seed(seed)
-        return transforms.apply(self.transform, image, mask)
+        return augment.apply(self.transform, image, mask)
 
 
 def _stack(samples: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:

@@ -13,8 +13,8 @@ from PIL import Image
 
 from configs import common
 from seg import data
-from seg.data import storage
-from seg.data.reading import PairedFiles
+from seg.data import cache
+from seg.data.files import PairedFiles
 
 H, W = 8, 12
 
@@ -57,7 +57,7 @@ def assert_same(a, b):
 def test_memmap_cache_equals_raw_bit_for_bit(root):
     raw = data.build(cfg(root, storage="raw"), "train")
     cached = data.build(cfg(root), "train")
-    assert isinstance(cached, storage.CachedSplit) and cached.info == raw.info
+    assert isinstance(cached, cache.CachedSplit) and cached.info == raw.info
     assert_same(samples(cached), samples(raw))
     assert cached.source(1).endswith(f"[1] (from {raw.source(1)})")
     entries = os.listdir(root.parent / "cache")

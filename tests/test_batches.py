@@ -1,4 +1,4 @@
-"""seg.data.loader: deterministic, resumable, shardable train batches; padded eval batches."""
+"""seg.data.batches: deterministic, resumable, shardable train batches; padded eval batches."""
 from __future__ import annotations
 
 import itertools
@@ -11,7 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 from configs import common
 from conftest import decode, palette_coded
 from seg import metrics
-from seg.data import loader, synthetic, transforms
+from seg.data import batches, synthetic, augment
 from seg.data.synthetic import SegmentationData
 
 
@@ -46,8 +46,8 @@ FLIP = _cfg()     # the default: flips only
 
 
 def _train(data, batch_size, seed=0, steps=4, cfg=FLIP, **kwargs):
-    transform = transforms.train_transform(cfg, data.info)
-    return list(itertools.islice(loader.train_batches(data, transform, batch_size, seed, **kwargs),
+    transform = augment.train_transform(cfg, data.info)
+    return list(itertools.islice(batches.train_batches(data, transform, batch_size, seed, **kwargs),
                                  steps))
 
 
@@ -75,8 +75,8 @@ def test_batches_have_the_right_types_and_keep_the_ignore_label():
 
 
 def test_each_epoch_visits_every_image_once_in_a_new_order():
-    batches = _train(_indexed_data(n=10), 3, steps=12, cfg=_cfg(hflip=False))
-    ids = torch.stack([_decode(images)[:, 1, 0, 0] for images, _ in batches]).view(4, 9)
+    got = _train(_indexed_data(n=10), 3, steps=12, cfg=_cfg(hflip=False))
+    ids = torch.stack([_decode(images)[:, 1, 0, 0] for images, _ in got]).view(4, 9)
     for epoch in ids:     # 3 full batches per epoch; the 10th image is dropped
         assert len(set(epoch.tolist())) == 9
     assert len({tuple(epoch.tolist()) for epoch in ids}) == 4
@@ -99,7 +99,7 @@ def test_flips_keep_image_and_mask_aligned():
 def test_augmented_batches_keep_colour_and_label_aligned():
     coded = palette_coded(synthetic.generate("val", 8, (24, 32), num_classes=3).masks)
     for images, masks in _train(coded, 4, steps=4, cfg=_cfg(scale_range=(0.7, 1.5),
-                                                             crop_size=(20, 24))):
+                                                            crop_size=(20, 24))):
         # away from label boundaries (and ignore), the colour decodes to the label
         x = masks[:, None].float()
         far = (F.max_pool2d(x, 5, 1, 2) == -F.max_pool2d(-x, 5, 1, 2))[:, 0] & (masks != 255)
@@ -171,17 +171,17 @@ def test_bad_samples_name_their_source():
 def test_train_batches_reject_bad_arguments(scenes, kwargs, match):
     args = dict(batch_size=4) | kwargs
     with pytest.raises(ValueError, match=match):
-        next(loader.train_batches(scenes, None, seed=0, **args))
+        next(batches.train_batches(scenes, None, seed=0, **args))
 
 
 # ---------------------------------------------------------------- eval batches
 
 def test_eval_batches_cover_the_split_in_order(scenes):
-    batches = list(loader.eval_batches(scenes, None, 5, pad_multiple=8))
-    assert [len(m) for _, m in batches] == [5, 5, 2]
-    images = torch.cat([i for i, _ in batches])
-    masks = torch.cat([m for _, m in batches])
-    assert torch.equal(images, loader.normalize(scenes.images, scenes.mean, scenes.std))
+    found = list(batches.eval_batches(scenes, None, 5, pad_multiple=8))
+    assert [len(m) for _, m in found] == [5, 5, 2]
+    images = torch.cat([i for i, _ in found])
+    masks = torch.cat([m for _, m in found])
+    assert torch.equal(images, batches.normalize(scenes.images, scenes.mean, scenes.std))
     assert torch.equal(masks, scenes.masks.long())
 
 
@@ -194,14 +194,14 @@ def mixed():
 
 
 def test_eval_pads_to_a_multiple_with_ignore_and_the_mean_colour(mixed):
-    batches = list(loader.eval_batches(mixed, None, 3, pad_multiple=16))
-    assert [tuple(m.shape) for _, m in batches] == [(3, 48, 48), (2, 32, 32)]
+    found = list(batches.eval_batches(mixed, None, 3, pad_multiple=16))
+    assert [tuple(m.shape) for _, m in found] == [(3, 48, 48), (2, 32, 32)]
     for k, (image, mask) in enumerate(mixed.pairs[:3]):
         h, w = mask.shape
-        got_images, got_masks = batches[0][0][k], batches[0][1][k]
+        got_images, got_masks = found[0][0][k], found[0][1][k]
         assert torch.equal(got_masks[:h, :w], mask.long())
         assert torch.equal(got_images[:, :h, :w],
-                           loader.normalize(image, mixed.info.mean, mixed.info.std))
+                           batches.normalize(image, mixed.info.mean, mixed.info.std))
         pad = torch.ones(48, 48, dtype=torch.bool)
         pad[:h, :w] = False
         assert (got_masks[pad] == 255).all()
@@ -213,7 +213,7 @@ def test_padded_eval_counts_exactly_the_unpadded_pixels(mixed):
     """An identity 'model' (colour -> label): the confusion matrix over padded batches equals
     the per-image, unpadded one; padding with a class instead of ignore would add pixels."""
     padded = sum(metrics.confusion_matrix(decode(_raw(images)), masks, 4)
-                 for images, masks in loader.eval_batches(mixed, None, 2, pad_multiple=32))
+                 for images, masks in batches.eval_batches(mixed, None, 2, pad_multiple=32))
     unpadded = sum(metrics.confusion_matrix(decode(image)[None], mask[None].long(), 4)
                    for image, mask in mixed.pairs)
     assert torch.equal(padded, unpadded) and unpadded.sum() == sum(
@@ -221,16 +221,16 @@ def test_padded_eval_counts_exactly_the_unpadded_pixels(mixed):
 
 
 def test_eval_applies_the_transform_and_workers_change_nothing(mixed):
-    t = transforms.eval_transform(_cfg(resize=24, crop_size=(24, 24)), mixed.info)
-    single = list(loader.eval_batches(mixed, t, 2, pad_multiple=8))
+    t = augment.eval_transform(_cfg(resize=24, crop_size=(24, 24)), mixed.info)
+    single = list(batches.eval_batches(mixed, t, 2, pad_multiple=8))
     assert all(images.shape[-2:] == (24, 24) for images, _ in single)
-    _assert_same(single, list(loader.eval_batches(mixed, t, 2, pad_multiple=8, workers=2)))
+    _assert_same(single, list(batches.eval_batches(mixed, t, 2, pad_multiple=8, workers=2)))
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_eval_shards_cover_the_split_once_in_order(scenes, world_size):
-    whole = torch.cat([m for _, m in loader.eval_batches(scenes, None, 4)])
-    shards = [torch.cat([m for _, m in loader.eval_batches(scenes, None, 4, rank=r,
+    whole = torch.cat([m for _, m in batches.eval_batches(scenes, None, 4)])
+    shards = [torch.cat([m for _, m in batches.eval_batches(scenes, None, 4, rank=r,
                                                             world_size=world_size)])
               for r in range(world_size)]
     assert torch.equal(torch.cat(shards), whole)
@@ -244,7 +244,7 @@ def test_eval_shards_cover_the_split_once_in_order(scenes, world_size):
 def test_eval_batches_reject_bad_arguments(scenes, kwargs, match):
     args = dict(batch_size=4) | kwargs
     with pytest.raises(ValueError, match=match):
-        next(loader.eval_batches(scenes, None, **args))
+        next(batches.eval_batches(scenes, None, **args))
 
 
 # ---------------------------------------------------------------- normalize
@@ -252,8 +252,8 @@ def test_eval_batches_reject_bad_arguments(scenes, kwargs, match):
 def test_normalize_matches_torchvision(scenes):
     expected = TF.normalize(TF.to_dtype(scenes.images, torch.float32, scale=True),
                             list(scenes.mean), list(scenes.std))
-    got = loader.normalize(scenes.images, scenes.mean, scenes.std)
+    got = batches.normalize(scenes.images, scenes.mean, scenes.std)
     assert got.dtype == torch.float32
     assert torch.equal(got, expected)     # same operations in the same order: bitwise equal
     with pytest.raises(ValueError, match="images_uint8.dtype=torch.float32"):
-        loader.normalize(scenes.images.float(), scenes.mean, scenes.std)
+        batches.normalize(scenes.images.float(), scenes.mean, scenes.std)
