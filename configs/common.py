@@ -32,8 +32,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.num_val = 200
     c.data.num_test = 200
     # train augmentation (image and mask together)
-    c.data.resize = 0                      # shorter side resized to this first (seed 004); 0 = off
-    c.data.scale_range = (1.0, 1.0)        # random rescale, e.g. (0.5, 2.0) (seed 001)
+    c.data.resize = 0                      # shorter side resized to this first; 0 = off
+    c.data.scale_range = (1.0, 1.0)        # random rescale, e.g. (0.5, 2.0)
     c.data.crop_size = ()                  # (H, W) random crop, padded with ignore; () = none
     c.data.hflip = True
     c.data.color_jitter = 0.0              # brightness / contrast / saturation strength; 0 = off

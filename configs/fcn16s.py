@@ -1,4 +1,4 @@
-"""FCN-16s (Long et al. 2015; seeds 001, 002): the FCN-8s config (configs/fcn8s.py) with
+"""FCN-16s (Long et al. 2015): the FCN-8s config (configs/fcn8s.py) with
 the pool4 skip only and x16 final upsampling."""
 from configs import fcn8s
 

@@ -1,4 +1,4 @@
-"""FCN-32s (Long et al. 2015; seeds 001, 002): the FCN-8s config (configs/fcn8s.py) with
+"""FCN-32s (Long et al. 2015): the FCN-8s config (configs/fcn8s.py) with
 no skips and x32 final upsampling."""
 from configs import fcn8s
 

@@ -1,4 +1,4 @@
-"""FCN-8s (Long et al. 2015; seeds 001, 002): VGG-16, pool4 and pool3 skips, x8 upsampling.
+"""FCN-8s (Long et al. 2015): VGG-16, pool4 and pool3 skips, x8 upsampling.
 
 The paper's network (fc6/fc7 4096 wide, final upsampling fixed to bilinear), from scratch.
 Measured (FCN-8s, 150 steps, val mIoU): this config 0.49; fc 1024 wide 0.50, also on

@@ -35,12 +35,12 @@ def _bagdata(c):
 
 def _voc(c):
     _data(c, name="voc", num_classes=21, test_split="", normalize="imagenet",
-          scale_range=(0.5, 2.0), crop_size=(512, 512), workers=4)   # seed 001
+          scale_range=(0.5, 2.0), crop_size=(512, 512), workers=4)   # the VOC recipe of FCN / DeepLab
     _train(c, batch_size=8, eval_batch_size=8, eval_every=1000)   # 1464 train (10582 with SBD)
 
 
 def _pets(c):
-    # seed 004: shorter side 256, then a 224 crop, flips, colour jitter and perspective
+    # the three-class Pet recipe: shorter side 256, then a 224 crop, flips, colour jitter and perspective
     _data(c, name="pets", num_classes=3, normalize="imagenet", resize=256, crop_size=(224, 224),
           color_jitter=0.4, perspective=0.25, workers=4)
     _train(c, batch_size=16, eval_batch_size=32, eval_every=500)   # 2944 train images

@@ -1,4 +1,4 @@
-"""UNet (Ronneberger et al. 2015; seed 003): transposed-conv upsampling, dropout at the bottom."""
+"""UNet (Ronneberger et al. 2015): transposed-conv upsampling, dropout at the bottom."""
 from configs import common, presets
 
 

@@ -40,16 +40,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from absl import app, flags  # noqa: E402
+import torch
+import torchvision
+from absl import app, flags
 
-from configs import deeplabv3, fcn8s, fcn_resnet50, pspnet, unet  # noqa: E402
-from seg import runtime  # noqa: E402
-from seg import functional, losses, models, optim, writers  # noqa: E402
-from seg import train as seg_train  # noqa: E402
+from configs import deeplabv3, fcn8s, fcn_resnet50, pspnet, unet
+from seg import runtime
+from seg import functional, losses, models, optim, rundir
+from seg import train as seg_train
 
 # name: (label, config module, model overrides)
 MODELS = {
@@ -409,7 +408,7 @@ def main(argv):
             print(table_rows(r, gpu), flush=True)
         results.append(r)
         if _OUT.value:
-            writers.write_json(_OUT.value, {"results": results, "environment": env})
+            rundir.write_json(_OUT.value, {"results": results, "environment": env})
 
 
 if __name__ == "__main__":

@@ -12,19 +12,16 @@ augmenting, collating, copying to --device and normalising. Prints a table and w
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import torch  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import torch
+from absl import app, flags
+from ml_collections import config_flags
 
-from configs import common, presets  # noqa: E402
-from seg import data, writers  # noqa: E402
-from seg.data import batches, augment  # noqa: E402
+from configs import common, presets
+from seg import data, rundir
+from seg.data import batches, augment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file; default: CamVid (above).")
 _ROOT = flags.DEFINE_string("root", None, "CamVid folder (no --config); default: the preset's.")
@@ -79,7 +76,7 @@ def main(argv):
         rows.append({"workers": workers, "images_per_s": rate})
         print(f"| {workers} | {rate:.1f} |", flush=True)
     if _OUT.value:
-        writers.write_json(_OUT.value, {
+        rundir.write_json(_OUT.value, {
             "data": cfg.data.to_dict(), "batch_size": cfg.train.batch_size,
             "steps": _STEPS.value, "warmup": _WARMUP.value, "device": str(device),
             "cpus": os.cpu_count(), "torch": torch.__version__, "results": rows})

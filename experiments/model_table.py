@@ -10,16 +10,14 @@ as "FLOPs", so both columns are printed.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import torch  # noqa: E402
-from absl import app, flags  # noqa: E402
+import torch
+from absl import app, flags
 
-from configs import (deeplabv3, fcn8s, fcn16s, fcn32s, pspnet, pspnet_seed004,  # noqa: E402
+from configs import (deeplabv3, fcn8s, fcn16s, fcn32s, pspnet, twostream,
                      unet)
-from seg import models, writers  # noqa: E402
+from seg import models, rundir
 
 # (row label, config module, model overrides): the papers' backbones, then the CPU defaults.
 ROWS = [
@@ -34,7 +32,7 @@ ROWS = [
     ("PSPNet, ResNet-18, OS 8 (CPU default)", pspnet, {}),
     ("DeepLabV3, ResNet-50, OS 8", deeplabv3, {"backbone": "resnet50"}),
     ("DeepLabV3, ResNet-18, OS 8 (CPU default)", deeplabv3, {}),
-    ("Seed 004 two-stream PSPNet, ResNeXt-50", pspnet_seed004, {}),
+    ("Two-stream PSPNet, ResNeXt-50", twostream, {}),
 ]
 
 _SIZE = flags.DEFINE_list("size", ["512", "512"], "Input height,width.")
@@ -74,7 +72,7 @@ def main(argv):
         print(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['gflops']:.1f} | "
               f"{r['gmacs']:.1f} |")
     if _OUT.value:
-        writers.write_json(_OUT.value, {"size": size, "num_classes": _CLASSES.value,
+        rundir.write_json(_OUT.value, {"size": size, "num_classes": _CLASSES.value,
                                         "rows": rows})
 
 

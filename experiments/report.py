@@ -3,205 +3,24 @@
   python experiments/report.py runs/psp runs/unet --out=runs/report.md
   python experiments/report.py 'runs/ablate_loss/*/seed*' --out=runs/ablate_loss/report.md
 
-Arguments are run directories or glob patterns (quoted, or expanded by the shell); a run
-directory is one with a summary.json (DESIGN.md, "The run directory"). The table has one row
-per run: model, parameters, steps, wall time, train images/s, the last val eval's mIoU, pixel
-accuracy and per-class IoU (named by the dataset's classes), and the test mIoU. Next to --out go
-<stem>_curves.png (train and val loss, val mIoU against step) and <stem>_per_class_iou.png.
-matplotlib is optional: without it the table is still written and the plots are reported as
-skipped, with the reason.
+Arguments are run directories or glob patterns (quoted, or expanded by the shell). The table
+has one row per run: model, parameters, steps, wall time, train images/s, the last val eval's
+mIoU, pixel accuracy and per-class IoU, and the test mIoU; seg/report.py says what is drawn.
 """
-from __future__ import annotations
-
-import glob
-import json
-import math
-import os
-import sys
-from pathlib import Path
-
 from absl import app, flags
 
+from seg import cli, report
 
-def define_flags() -> None:
-    """Defined when run as a script only: importing this module (tests, notebooks) defines no
-    flags, so it never clashes with another script's --out."""
-    flags.DEFINE_string("out", "report.md", "Markdown file to write; plots go next to it.")
-    flags.DEFINE_bool("plots", True, "Draw the plots (needs matplotlib).")
-
-
-def find_runs(patterns) -> list[Path]:
-    """Run directories matched by the patterns, in order, each once."""
-    runs: list[Path] = []
-    for pattern in patterns:
-        found = [Path(m) for m in sorted(glob.glob(pattern))
-                 if (Path(m) / "summary.json").is_file()]
-        if not found:
-            raise ValueError(f"{pattern!r} matches no run directory (a folder with summary.json)")
-        runs += [r for r in found if r not in runs]
-    return runs
-
-
-def load_run(workdir: Path, label: str) -> dict:
-    metrics = workdir / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.exists() else []
-    return {"label": label, "dir": workdir, "records": [r for r in map(_record, lines) if r],
-            "summary": json.loads((workdir / "summary.json").read_text())}
-
-
-def _record(line: str) -> dict | None:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:  # the torn last line of a run that was killed mid-write
-        return None
-
-
-def load_runs(patterns) -> list[dict]:
-    dirs = find_runs(patterns)
-    # Labels: paths below the runs' common folder, so that seed0 / seed1 of two variants differ.
-    base = Path(os.path.commonpath([d.resolve() for d in dirs]))
-    labels = [str(d.resolve().relative_to(base)) if len(dirs) > 1 else d.name for d in dirs]
-    return [load_run(d, label) for d, label in zip(dirs, labels)]
-
-
-def class_names(runs) -> list[str]:
-    names: list[str] = []
-    for run in runs:
-        names += [n for n in run["summary"].get("class_names", []) if n not in names]
-    return names
-
-
-def per_class_iou(run: dict) -> dict:
-    val = (run["summary"].get("last_eval") or {}).get("val") or {}
-    return dict(zip(run["summary"].get("class_names", []), val.get("iou_per_class", [])))
-
-
-def table(runs) -> str:
-    names = class_names(runs)
-    header = ["run", "model", "params", "steps", "wall time", "images/s", "val mIoU",
-              "val pixel acc", "test mIoU", *[f"IoU {n}" for n in names]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for run in runs:
-        s = run["summary"]
-        last = s.get("last_eval") or {}
-        val, test = last.get("val") or {}, last.get("test") or {}
-        iou = per_class_iou(run)
-        cells = [run["label"], s["model"]["name"], _count(s["model"]["params"]),
-                 str(s["steps"]), _duration(s.get("wall_time_s")),
-                 _number(s.get("images_per_s"), 1), _number(val.get("miou")),
-                 _number(val.get("pixel_acc")), _number(test.get("miou")),
-                 *[_number(iou.get(n)) for n in names]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _number(v, digits: int = 4) -> str:
-    return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
-
-
-def _count(n: int) -> str:
-    if n >= 1e6:
-        return f"{n / 1e6:.2f}M"
-    return f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
-
-
-def _duration(seconds) -> str:
-    if seconds is None:
-        return "n/a"
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest} s" if minutes else f"{seconds:.1f} s"
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is missing."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")  # no display on a training machine
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_curves(plt, runs, path: Path) -> None:
-    """Loss (train solid, val dashed) and val mIoU against step, one colour per run."""
-    fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for i, run in enumerate(runs):
-        colour = f"C{i % 10}"
-        train = [(r["step"], r["loss"]) for r in run["records"]
-                 if r["split"] == "train" and r.get("loss") is not None]
-        val = [r for r in run["records"] if r["split"] == "val"]
-        if train:
-            ax_loss.plot(*zip(*train), color=colour)
-        val_loss = [(r["step"], r["loss"]) for r in val if r.get("loss") is not None]
-        if val_loss:
-            ax_loss.plot(*zip(*val_loss), "--o", color=colour, markersize=3)
-        val_miou = [(r["step"], r["miou"]) for r in val if r.get("miou") is not None]
-        ax_miou.plot(*(zip(*val_miou) if val_miou else ([], [])), "-o", color=colour,
-                     markersize=3, label=run["label"])  # an entry even without evals
-    ax_loss.set(xlabel="step", ylabel="loss", title="loss (train solid, val dashed)")
-    ax_miou.set(xlabel="step", ylabel="mIoU", title="val mIoU", ylim=(0, 1))
-    for ax in (ax_loss, ax_miou):
-        ax.grid(alpha=0.3)
-    _legend_outside(ax_miou)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_per_class(plt, runs, path: Path) -> None:
-    """Grouped bars: the last val IoU of each class, one bar per run."""
-    names = class_names(runs)
-    width = 0.8 / len(runs)
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(names) + 4), 4.5))
-    for i, run in enumerate(runs):
-        iou = per_class_iou(run)
-        values = [math.nan if iou.get(n) is None else iou[n] for n in names]
-        xs = [c - 0.4 + width * (i + 0.5) for c in range(len(names))]
-        ax.bar(xs, values, width, label=run["label"], color=f"C{i % 10}")
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set(ylabel="IoU", ylim=(0, 1), title="per-class IoU (last val eval)")
-    ax.grid(axis="y", alpha=0.3)
-    _legend_outside(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _legend_outside(ax) -> None:
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
-
-
-def write_report(patterns, out: Path, plots: bool = True) -> tuple[str, list[str]]:
-    """Writes the markdown (and the plots); returns it and what was done, one line each."""
-    runs = load_runs(patterns)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lines, done = [f"# Report: {len(runs)} runs", "", table(runs), ""], []
-    plt = pyplot() if plots else None
-    if plots and plt is None:
-        done.append("plots skipped: matplotlib is not installed (pip install matplotlib)")
-        lines.append("Plots skipped: matplotlib is not installed.")
-    elif plt is not None:
-        for suffix, draw in (("curves", plot_curves), ("per_class_iou", plot_per_class)):
-            path = out.with_name(f"{out.stem}_{suffix}.png")
-            draw(plt, runs, path)
-            lines.append(f"![{suffix}]({path.name})")
-            done.append(f"-> {path}")
-    text = "\n".join(lines) + "\n"
-    out.write_text(text)
-    return text, [*done, f"-> {out} ({len(runs)} runs)"]
+_OUT = flags.DEFINE_string("out", "report.md", "Markdown file to write; plots go next to it.")
+_PLOTS = flags.DEFINE_bool("plots", True, "Draw the plots (needs matplotlib).")
 
 
 def main(argv):
     if len(argv) < 2:
         raise app.UsageError("usage: report.py <run dir or glob>... [--out=report.md]")
-    try:
-        text, done = write_report(argv[1:], Path(flags.FLAGS.out), flags.FLAGS.plots)
-        print(text + "\n".join(done))
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    text, done = report.write_report(argv[1:], _OUT.value, _PLOTS.value)
+    print(text + "\n".join(done))
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main)

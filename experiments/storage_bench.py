@@ -1,4 +1,4 @@
-"""Read throughput of the storage options (seed 004's question: are caches worth it?).
+"""Read throughput of the storage options (are caches worth it?).
 
   python experiments/storage_bench.py --dataset=camvid --split=train --out=cache.json
 
@@ -15,18 +15,16 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import torch  # noqa: E402
-from absl import app, flags  # noqa: E402
+import torch
+from absl import app, flags
 
-from configs import common, presets  # noqa: E402
-from seg import data, writers  # noqa: E402
+from configs import common, presets
+from seg import data, rundir
 
 _DATASET = flags.DEFINE_enum("dataset", "camvid", list(presets.PRESETS), "Dataset preset.")
 _ROOT = flags.DEFINE_string("root", None, "data.root (default: the preset's).")
@@ -91,7 +89,7 @@ def main(argv):
             print(f"| {r['storage']} | {r['sequential']:.0f} | {r['shuffled']:.0f} | "
                   f"{r['build_s']:.1f} | {r['disk_mb']:.1f} |")
     if _OUT.value:
-        writers.write_json(_OUT.value, {"dataset": _DATASET.value, "root": cfg.data.root,
+        rundir.write_json(_OUT.value, {"dataset": _DATASET.value, "root": cfg.data.root,
                                         "split": _SPLIT.value, "resize": _RESIZE.value,
                                         "rounds": _ROUNDS.value, "rows": rows})
 

@@ -44,7 +44,7 @@ def apply(model: nn.Module, params: Params, buffers: Buffers, x: Tensor) -> tupl
 def set_mode(model: nn.Module, train: bool, frozen: Iterable[str] = ()) -> None:
     """Train/eval mode, with frozen sub-networks kept in eval mode.
 
-    A frozen encoder (seed 004's `freeze()`) must also stop updating its BatchNorm statistics,
+    A frozen encoder (a pretrained one kept fixed while the head trains) must also stop updating its BatchNorm statistics,
     otherwise the "frozen" features still drift. Called outside compiled code: flipping
     module flags inside a traced function would be a side effect.
     """

@@ -5,12 +5,13 @@ Every loss
 * excludes `ignore_index` pixels with torch.where / multiplication, never boolean indexing, so it
   has a fixed shape, no host sync, and compiles into one graph;
 * gives ignored pixels exactly zero loss and exactly zero gradient, and returns 0.0 with zero
-  gradients for a batch in which every pixel is ignored (no 0/0 anywhere, forward or backward).
+  gradients for a batch in which every pixel is ignored (no 0/0 anywhere, forward or backward);
+* is a `Loss`: a reduction of sums that add up over batches, so that an evaluation gets the loss
+  of a whole split exactly.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch
@@ -45,18 +46,49 @@ def _prepare(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor,
     return x, valid, safe
 
 
-def _mean_over_valid(per_pixel: Tensor, valid: Tensor, pixel_weight: Tensor | None = None
-                     ) -> Tensor:
-    """sum(w * loss) / sum(w) over valid pixels (w = 1 without class weights, 0 where ignored).
-
-    The denominator is replaced by 1 when nothing is valid: 0 / 1 keeps both the value and the
-    gradient at zero, whereas 0 / 0 would make them NaN.
-    """
+def _weighted_sums(per_pixel: Tensor, valid: Tensor, pixel_weight: Tensor | None = None
+                   ) -> dict[str, Tensor]:
+    """sum(w * loss) and sum(w) over valid pixels (w = 1 without class weights, 0 where
+    ignored): their ratio is the (class-weighted) mean, F.cross_entropy's reduction."""
     w = valid.to(per_pixel.dtype)
     if pixel_weight is not None:
         w = w * pixel_weight
-    total = w.sum()
-    return (per_pixel * w).sum() / torch.where(total > 0, total, 1.0)
+    return {"loss": (per_pixel * w).sum(), "weight": w.sum()}
+
+
+def _weighted_mean(sums: dict[str, Tensor], **_) -> Tensor:
+    """sum(w * loss) / sum(w). The denominator is replaced by 1 when nothing is valid: 0 / 1
+    keeps both the value and the gradient at zero, whereas 0 / 0 would make them NaN."""
+    total = sums["weight"]
+    return sums["loss"] / torch.where(total > 0, total, 1.0)
+
+
+class Loss:
+    """A loss written as a reduction of additive sums.
+
+    `sums(logits, target)` returns tensors that add up over pixels, images, batches and ranks;
+    `reduce(sums)` turns them into the loss. Calling the loss on one batch is
+    reduce(sums(batch)); reducing the sums accumulated over a whole split gives the loss of
+    the split taken as one batch, the same whatever the batch size or the number of ranks
+    (seg/train.py's evaluation). `bind(**options)` fixes keyword options (ignore_index, weight,
+    gamma, eps) for both parts.
+    """
+
+    def __init__(self, sums: Callable[..., dict], reduce: Callable[..., Tensor], **options):
+        self._sums, self._reduce, self.options = sums, reduce, options
+
+    def bind(self, **options) -> "Loss":
+        return Loss(self._sums, self._reduce, **{**self.options, **options})
+
+    def sums(self, logits: Tensor, target: Tensor, **options) -> dict[str, Tensor]:
+        return self._sums(logits, target, **{**self.options, **options})
+
+    def reduce(self, sums: dict[str, Tensor], **options) -> Tensor:
+        return self._reduce(sums, **{**self.options, **options})
+
+    def __call__(self, logits: Tensor, target: Tensor, **options) -> Tensor:
+        options = {**self.options, **options}
+        return self._reduce(self._sums(logits, target, **options), **options)
 
 
 def _class_weight(weight: Tensor | None, num_classes: int, safe: Tensor, x: Tensor
@@ -77,19 +109,18 @@ def _target_log_prob(logits: Tensor, target: Tensor, ignore_index: int, loss: st
     return x, valid, safe, log_p
 
 
-def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = 255,
-                  weight: Tensor | None = None) -> Tensor:
-    """Mean softmax cross-entropy over valid pixels; the class-weighted mean of F.cross_entropy."""
+def _cross_entropy_sums(logits: Tensor, target: Tensor, *, ignore_index: int = 255,
+                        weight: Tensor | None = None) -> dict[str, Tensor]:
     x, valid, safe, log_p = _target_log_prob(logits, target, ignore_index, "cross_entropy")
-    return _mean_over_valid(-log_p, valid, _class_weight(weight, x.shape[1], safe, x))
+    return _weighted_sums(-log_p, valid, _class_weight(weight, x.shape[1], safe, x))
 
 
-def focal_loss(logits: Tensor, target: Tensor, *, gamma: float = 2.0, ignore_index: int = 255,
-               weight: Tensor | None = None) -> Tensor:
-    """Softmax focal loss (Lin et al. 2017): mean over valid pixels of (1 - p_t)^gamma * CE.
+# Mean softmax cross-entropy over valid pixels; the class-weighted mean of F.cross_entropy.
+cross_entropy = Loss(_cross_entropy_sums, _weighted_mean)
 
-    Weighted like `cross_entropy`, so gamma = 0 gives exactly the cross-entropy.
-    """
+
+def _focal_sums(logits: Tensor, target: Tensor, *, gamma: float = 2.0, ignore_index: int = 255,
+                weight: Tensor | None = None) -> dict[str, Tensor]:
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     x, valid, safe, log_p = _target_log_prob(logits, target, ignore_index, "focal")
@@ -98,7 +129,12 @@ def focal_loss(logits: Tensor, target: Tensor, *, gamma: float = 2.0, ignore_ind
     # d(1-p)^gamma/dp is infinite for gamma < 1, and inf * 0 would put NaN in the gradient.
     one_minus_p = (-torch.expm1(log_p)).clamp_min(torch.finfo(x.dtype).tiny)
     per_pixel = one_minus_p**gamma * -log_p
-    return _mean_over_valid(per_pixel, valid, _class_weight(weight, x.shape[1], safe, x))
+    return _weighted_sums(per_pixel, valid, _class_weight(weight, x.shape[1], safe, x))
+
+
+# Softmax focal loss (Lin et al. 2017): mean over valid pixels of (1 - p_t)^gamma * CE, weighted
+# like `cross_entropy`, so gamma = 0 gives exactly the cross-entropy.
+focal_loss = Loss(_focal_sums, _weighted_mean)
 
 
 def _binary(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -110,42 +146,40 @@ def _binary(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, 
     return x[:, 0], valid, safe.to(x.dtype)
 
 
-def bce_with_logits(logits: Tensor, target: Tensor, *, ignore_index: int = 255) -> Tensor:
-    """Mean binary cross-entropy over valid pixels.
-
-    target holds 0, 1 or ignore_index; other values are not checked (that would need a host sync).
-    """
+def _bce_sums(logits: Tensor, target: Tensor, *, ignore_index: int = 255) -> dict[str, Tensor]:
     x, valid, y = _binary(logits, target, ignore_index)
-    return _mean_over_valid(F.binary_cross_entropy_with_logits(x, y, reduction="none"), valid)
+    return _weighted_sums(F.binary_cross_entropy_with_logits(x, y, reduction="none"), valid)
 
 
-def bce_soft_iou(logits: Tensor, target: Tensor, *, ignore_index: int = 255, eps: float = 1e-7
-                 ) -> Tensor:
-    """BCE + (1 - soft IoU) of the sigmoid probabilities, over the valid pixels of the whole batch.
+# Mean binary cross-entropy over valid pixels. target holds 0, 1 or ignore_index; other values
+# are not checked (that would need a host sync).
+bce_with_logits = Loss(_bce_sums, _weighted_mean)
 
-    soft IoU = (sum p*y + eps) / (sum p + y - p*y + eps) (seed 003). eps only settles the empty
-    case: no valid pixels gives IoU 1, so the loss is 0.
-    """
+
+def _bce_soft_iou_sums(logits: Tensor, target: Tensor, *, ignore_index: int = 255,
+                       eps: float = 1e-7) -> dict[str, Tensor]:
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     x, valid, y = _binary(logits, target, ignore_index)
-    bce = _mean_over_valid(F.binary_cross_entropy_with_logits(x, y, reduction="none"), valid)
+    sums = _weighted_sums(F.binary_cross_entropy_with_logits(x, y, reduction="none"), valid)
     # Multiplying by the mask (not indexing) drops ignored pixels from both sums, gradient included.
     p = torch.sigmoid(x) * valid
-    intersection = (p * y).sum()
-    union = (p + y - p * y).sum()
-    return bce + 1 - (intersection + eps) / (union + eps)
+    return {**sums, "intersection": (p * y).sum(), "union": (p + y - p * y).sum()}
 
 
-def dice_loss(logits: Tensor, target: Tensor, *, ignore_index: int = 255, eps: float = 1.0
-              ) -> Tensor:
-    """Soft Dice loss, 1 - mean over classes of (2 sum p*y + eps) / (sum p + sum y + eps).
+def _bce_soft_iou_reduce(sums: dict[str, Tensor], *, eps: float = 1e-7, **_) -> Tensor:
+    iou = (sums["intersection"] + eps) / (sums["union"] + eps)
+    return _weighted_mean(sums) + 1 - iou
 
-    Sums run over the valid pixels of the whole batch. One channel: sigmoid probabilities of the
-    foreground (target 0 / 1), Dice of that class only. C > 1 channels: softmax, every class.
-    eps > 0 gives a class absent from target and prediction a Dice of 1, and an all-ignored batch
-    a loss of 0.
-    """
+
+# BCE + (1 - soft IoU) of the sigmoid probabilities, over the valid pixels of the whole batch:
+# soft IoU = (sum p*y + eps) / (sum p + y - p*y + eps), as in the UNet notebook this project
+# started from. eps only settles the empty case: no valid pixels gives IoU 1, so the loss is 0.
+bce_soft_iou = Loss(_bce_soft_iou_sums, _bce_soft_iou_reduce)
+
+
+def _dice_sums(logits: Tensor, target: Tensor, *, ignore_index: int = 255, eps: float = 1.0
+               ) -> dict[str, Tensor]:
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     x, valid, safe = _prepare(logits, target, ignore_index)
@@ -160,47 +194,65 @@ def dice_loss(logits: Tensor, target: Tensor, *, ignore_index: int = 255, eps: f
         probs, onehot = F.softmax(x, dim=1), (safe.unsqueeze(1) == classes).to(x.dtype)
     probs, onehot = probs * mask, onehot * mask
     dims = (0, *range(2, x.ndim))
-    intersection = (probs * onehot).sum(dims)
-    cardinality = probs.sum(dims) + onehot.sum(dims)
-    return 1 - ((2 * intersection + eps) / (cardinality + eps)).mean()
+    return {"intersection": (probs * onehot).sum(dims),
+            "cardinality": probs.sum(dims) + onehot.sum(dims)}
 
 
-def total_loss(outputs: dict, target: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor],
-               aux_weight: float) -> Tensor:
-    """loss_fn(outputs["out"]) + aux_weight * loss_fn(outputs["aux"]).
+def _dice_reduce(sums: dict[str, Tensor], *, eps: float = 1.0, **_) -> Tensor:
+    return 1 - ((2 * sums["intersection"] + eps) / (sums["cardinality"] + eps)).mean()
 
-    The auxiliary term is skipped when the model has no "aux" head or aux_weight is 0.
+
+# Soft Dice loss, 1 - mean over classes of (2 sum p*y + eps) / (sum p + sum y + eps). Sums run
+# over the valid pixels of the whole batch. One channel: sigmoid probabilities of the foreground
+# (target 0 / 1), Dice of that class only. C > 1 channels: softmax, every class. eps > 0 gives a
+# class absent from target and prediction a Dice of 1, and an all-ignored batch a loss of 0.
+dice_loss = Loss(_dice_sums, _dice_reduce)
+
+
+def head_losses(outputs: dict, target: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                aux_weight: float) -> dict[str, Tensor]:
+    """{"loss": the objective, "loss_main": loss_fn(outputs["out"]), and "loss_aux":
+    loss_fn(outputs["aux"]) when it counts}; loss = loss_main + aux_weight * loss_aux.
+
+    The auxiliary term is left out when the model has no "aux" head or aux_weight is 0.
     """
     if "out" not in outputs:
         raise ValueError(f"outputs must have an 'out' entry, got keys {sorted(outputs)}")
     if aux_weight < 0:
-        raise ValueError(f"aux_weight must be >= 0, got {aux_weight}")
-    loss = loss_fn(outputs["out"], target)
-    if aux_weight and outputs.get("aux") is not None:
-        loss = loss + aux_weight * loss_fn(outputs["aux"], target)
-    return loss
+        raise ValueError(f"loss.aux_weight must be >= 0, got {aux_weight}")
+    main = loss_fn(outputs["out"], target)
+    if not aux_weight or outputs.get("aux") is None:
+        return {"loss": main, "loss_main": main}
+    aux = loss_fn(outputs["aux"], target)
+    return {"loss": main + aux_weight * aux, "loss_main": main, "loss_aux": aux}
 
 
-def build(loss_cfg, num_classes: int) -> Callable[[Tensor, Tensor], Tensor]:
-    """loss_fn(logits, target) from a config with fields name, gamma, class_weights (a tuple,
+def total_loss(outputs: dict, target: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor],
+               aux_weight: float) -> Tensor:
+    """loss_fn(outputs["out"]) + aux_weight * loss_fn(outputs["aux"]) (see `head_losses`)."""
+    return head_losses(outputs, target, loss_fn, aux_weight)["loss"]
+
+
+def build(loss_cfg, num_classes: int) -> Loss:
+    """The Loss (logits, target) -> loss from a config with fields name, gamma, class_weights (a tuple,
     empty for none) and ignore_index."""
     name, weights = loss_cfg.name, tuple(loss_cfg.class_weights)
     names = sorted(BINARY_LOSSES | _MULTICLASS_LOSSES)
     if name not in names:
         raise ValueError(f"loss.name must be one of {names}, got {name!r}")
     if name in BINARY_LOSSES and num_classes != 2:
-        raise ValueError(f"loss {name!r} is binary (one logit): needs num_classes == 2, "
-                         f"got {num_classes}")
+        raise ValueError(f"loss.name={name!r} is a binary loss (one logit): it needs "
+                         f"data.num_classes=2, got {num_classes}")
     if weights and name not in _WEIGHTED_LOSSES:
         raise ValueError(f"loss.class_weights is not supported by loss {name!r}, got {weights}")
     if weights and len(weights) != num_classes:
-        raise ValueError(f"loss.class_weights must have num_classes={num_classes} entries, "
-                         f"got {weights}")
+        raise ValueError(f"loss.class_weights must have data.num_classes={num_classes} "
+                         f"entries, got {weights}")
     ignore = {"ignore_index": loss_cfg.ignore_index}
     weight = {"weight": torch.tensor(weights, dtype=torch.float32) if weights else None}
     if name == "cross_entropy":
-        return functools.partial(cross_entropy, **ignore, **weight)
+        return cross_entropy.bind(**ignore, **weight)
     if name == "focal":
-        return functools.partial(focal_loss, gamma=loss_cfg.gamma, **ignore, **weight)
+        return focal_loss.bind(gamma=loss_cfg.gamma, **ignore, **weight)
     unweighted = {"bce": bce_with_logits, "bce_soft_iou": bce_soft_iou, "dice": dice_loss}
-    return functools.partial(unweighted[name], **ignore)
+    return unweighted[name].bind(**ignore)

@@ -1,12 +1,12 @@
 """Segmentation metrics, pure functions.
 
-Two families (DESIGN.md, "Metric definitions"):
+Two families (docs/design.md, "Metrics"):
 
 * `confusion_matrix` + `scores`: the standard. Accumulate one (K, K) matrix over the whole split
   on device (rows = ground truth, cols = prediction, `ignore_index` excluded), read it once at log
   time with `scores`.
 * `per_image_*(pred, target, num_classes, ignore_index=255, average="macro", reduce="mean")`:
-  the seed notebook's definition, offered under its own names because it is a different number
+  the per-image definition some notebooks use, offered under its own names because it is a different number
   from the split-level one (a small image weighs as much as a large one). Each image gets its own
   confusion matrix (ignored pixels excluded from prediction and target counts alike), then
   - average="macro": the mean of the per-class score over the classes present in that image's
@@ -95,7 +95,7 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
 
 
 def scores(cm: Tensor) -> dict:
-    """Every DESIGN.md metric of an accumulated confusion matrix, as Python floats and lists of
+    """Every split-level metric (docs/design.md) of an accumulated confusion matrix, as Python floats and lists of
     floats (NaN where undefined).
 
     Reads the matrix back to the host: call it at log time, not per step.
@@ -179,13 +179,13 @@ def _per_image(kind: str, pred, target, num_classes, ignore_index, average, redu
 
 def per_image_iou(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255,
                   average: str = "macro", reduce: str = "mean") -> Tensor:
-    """Per-image IoU (seed 004); the contract is in the module docstring."""
+    """Per-image IoU; the contract is in the module docstring."""
     return _per_image("iou", pred, target, num_classes, ignore_index, average, reduce)
 
 
 def per_image_recall(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255,
                      average: str = "macro", reduce: str = "mean") -> Tensor:
-    """Per-image recall (seed 004); micro recall is the image's pixel accuracy."""
+    """Per-image recall; micro recall is the image's pixel accuracy."""
     return _per_image("recall", pred, target, num_classes, ignore_index, average, reduce)
 
 

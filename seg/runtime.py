@@ -1,13 +1,18 @@
-"""Process-level settings that scripts opt into at start-up; the library never calls these."""
+"""The process and its machine: the device of a rank, the environment a run reports, and
+process-level settings that a run opts into at start-up."""
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import ctypes.util
 import os
+import platform
 from typing import Iterator
 
 import torch
+import torchvision
+
+from seg.distributed import WorldInfo
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt parameters, glibc's malloc.h
 
@@ -55,3 +60,32 @@ def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
+
+
+def select_device(name: str, info: WorldInfo) -> torch.device:
+    """train.device of this rank: "auto" is CUDA when available, else CPU; with torchrun,
+    "cuda" is GPU number LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available")
+    if name == "cuda":
+        return torch.device("cuda", info.local_rank)
+    if name.startswith("cuda:") and info.world_size > 1:
+        raise ValueError(f"train.device={name!r} names one GPU for {info.world_size} ranks; "
+                         "use 'cuda' or 'auto' (each rank takes GPU LOCAL_RANK)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"train.device={name!r} is not a device (auto, cpu, cuda, cuda:N)"
+                         ) from None
+
+
+def environment(device: torch.device, world_size: int = 1) -> dict:
+    """Versions and hardware, for the run's summary."""
+    env = {"torch": torch.__version__, "torchvision": torchvision.__version__,
+           "python": platform.python_version(), "device": str(device),
+           "threads": torch.get_num_threads(), "world_size": world_size}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env

@@ -11,13 +11,15 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from seg import functional, losses, metrics, models
 from seg.functional import Buffers, Params
 from seg.optim import Optimizer, Schedule
 
 Batch = tuple[Tensor, Tensor]  # (images float (B,3,H,W), masks int64 (B,H,W))
-GradReduce = Callable[[Params, Tensor], tuple[Params, Tensor]]
+# (grads, loss scalars) -> the same averaged over data-parallel ranks (seg.distributed)
+GradReduce = Callable[[Params, dict], tuple[Params, dict]]
 
 
 class TrainState(NamedTuple):
@@ -61,12 +63,14 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
     a string names the backend (default inductor; tests use "aot_eager" to check graph capture).
     donate: the step may reuse the input state's storage for the output state (see
     `Optimizer`); for loops that never look at an old state again. Same numbers.
-    grad_reduce: `(grads, loss) -> (grads, loss)` applied before the optimizer update, e.g.
+    grad_reduce: `(grads, losses) -> (grads, losses)` applied before the optimizer update, e.g.
     seg.distributed.make_grad_reduce's average over the data-parallel ranks.
     skip_nonfinite: when the (reduced) loss is NaN or infinite, the step returns the input's
     params, buffers and optimizer state (selected with torch.where on a device flag: no host
     sync) and only the step counter advances. It needs the old state, so it turns `donate` off.
     Either way metrics["finite"] is that flag, for the caller to read when it syncs anyway.
+    Metrics: "loss" (the objective), "loss_main" and, with an auxiliary head that counts,
+    "loss_aux" (seg.losses.head_losses), "lr" (the step's learning rate) and "finite".
     precision: "bf16" runs the forward under bf16 autocast; params, gradients, optimizer state,
     the loss and the metrics stay float32 (the loss reads the logits cast back to float32).
     channels_last: the images enter in channels_last memory format (pair it with
@@ -102,29 +106,32 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
                 # The backward's recomputation runs BatchNorm again, which updates these
                 # statistics a second time: keep the forward's values.
                 new_buffers = {k: v.clone() for k, v in new_buffers.items()}
-            return losses.total_loss(out, masks, loss_fn, aux_weight), new_buffers
+            parts = losses.head_losses(out, masks, loss_fn, aux_weight)
+            loss = parts.pop("loss")
+            return loss, (new_buffers, {k: v.detach() for k, v in parts.items()})
 
         train_params = {k: state.params[k] for k in trainable}
         if grad_impl == "func":
-            grads, (loss, new_buffers) = torch.func.grad_and_value(loss_of, has_aux=True)(
-                train_params)
+            grads, (loss, (new_buffers, parts)) = torch.func.grad_and_value(
+                loss_of, has_aux=True)(train_params)
         else:
             leaves = {k: v.detach().requires_grad_(True) for k, v in train_params.items()}
             with torch.enable_grad():
-                loss, new_buffers = loss_of(leaves)
+                loss, (new_buffers, parts) = loss_of(leaves)
                 grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
             loss = loss.detach()
+        scalars = {"loss": loss, **parts}
         if grad_reduce is not None:
-            grads, loss = grad_reduce(grads, loss)
-        finite = torch.isfinite(loss)
+            grads, scalars = grad_reduce(grads, scalars)
+        finite = torch.isfinite(scalars["loss"])
         new_params, opt_state = optimizer.update(grads, state.opt_state, train_params,
                                                  donate=donate and not skip_nonfinite)
         params = {k: new_params.get(k, v) for k, v in state.params.items()}
         if skip_nonfinite:
-            params, new_buffers, opt_state = _select(
-                finite, (params, new_buffers, opt_state),
-                (state.params, state.buffers, state.opt_state))
-        out_metrics = {"loss": loss, "lr": schedule(state.step), "finite": finite}
+            params, new_buffers, opt_state = tree_map(
+                lambda new, old: torch.where(finite, new, old),
+                (params, new_buffers, opt_state), (state.params, state.buffers, state.opt_state))
+        out_metrics = {**scalars, "lr": schedule(state.step), "finite": finite}
         return TrainState(state.step + 1, params, new_buffers, opt_state), out_metrics
 
     core = _compiled(step, compile)
@@ -136,45 +143,70 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
     return train_step
 
 
-def _select(flag: Tensor, new: Any, old: Any) -> Any:
-    """torch.where(flag, new, old) over matching trees of dicts / tuples of tensors."""
-    if isinstance(new, dict):
-        return {k: _select(flag, v, old[k]) for k, v in new.items()}
-    if isinstance(new, (tuple, list)):
-        return type(new)(_select(flag, a, b) for a, b in zip(new, old))
-    return torch.where(flag, new, old)
-
-
-def make_eval_step(model: nn.Module, loss_fn: Callable, num_classes: int, *,
-                   ignore_index: int = 255, compile: bool | str = False,
-                   logits_fn: Callable | None = None, precision: str = "fp32",
-                   channels_last: bool = False) -> Callable[[Params, Buffers, Batch], dict]:
-    """Eval step: the batch's confusion matrix, and its main-head loss times its image count
-    (summed over a split and divided by the split's image count: the split's mean loss).
+def make_infer(model: nn.Module, *, logits_fn: Callable | None = None, precision: str = "fp32",
+               channels_last: bool = False) -> Callable[[Params, Buffers, Tensor], Tensor]:
+    """The one eval-mode forward: infer(params, buffers, images) -> float32 logits of the main
+    head at the images' size, under no_grad. Evaluation, prediction pictures and inference on
+    new images all run it, so they see the run's precision and memory format.
 
     logits_fn(forward, images) -> logits: how the main head is run over the images
     (seg.inference: sliding windows, test-time augmentation); default: one forward pass.
-    precision and channels_last as in `make_train_step`; predictions come from float32 logits.
+    precision and channels_last as in `make_train_step`. Eval mode is set by the caller
+    (`functional.set_mode`), outside any compiled code.
     """
     forward = _forward(model, precision, channels_last)
 
     @torch.no_grad()
-    def step(params: Params, buffers: Buffers, batch: Batch) -> dict:
-        images, masks = batch
+    def infer(params: Params, buffers: Buffers, images: Tensor) -> Tensor:
         def main_head(x: Tensor) -> Tensor:
             return forward(params, buffers, x)[0]["out"]
 
-        logits = logits_fn(main_head, images) if logits_fn else main_head(images)
-        cm = metrics.confusion_matrix(metrics.predict(logits), masks, num_classes, ignore_index)
-        return {"confusion": cm, "loss_sum": loss_fn(logits, masks).float() * images.shape[0]}
+        return logits_fn(main_head, images) if logits_fn else main_head(images)
 
-    core = _compiled(step, compile)
+    return infer
 
-    def eval_step(params: Params, buffers: Buffers, batch: Batch) -> dict:
-        functional.set_mode(model, train=False)
-        return core(params, buffers, batch)
 
-    return eval_step
+class EvalStep:
+    """eval_step(params, buffers, batch) -> totals of the batch: its confusion matrix and its
+    loss sums (seg.losses.Loss.sums) over the main head. Totals add up over batches and ranks;
+    `scores(totals)` gives the metrics and the loss of everything they were summed over, so
+    neither depends on how the split was cut into batches."""
+
+    def __init__(self, model: nn.Module, loss_fn, num_classes: int, *, ignore_index: int = 255,
+                 compile: bool | str = False, logits_fn: Callable | None = None,
+                 precision: str = "fp32", channels_last: bool = False):
+        self.model, self.loss_fn = model, loss_fn
+        infer = make_infer(model, logits_fn=logits_fn, precision=precision,
+                           channels_last=channels_last)
+
+        def step(params: Params, buffers: Buffers, batch: Batch) -> dict:
+            images, masks = batch
+            logits = infer(params, buffers, images)
+            cm = metrics.confusion_matrix(metrics.predict(logits), masks, num_classes,
+                                          ignore_index)
+            # float64 from here on: the sums of many batches lose nothing to rounding
+            sums = {k: v.to(torch.float64) for k, v in loss_fn.sums(logits, masks).items()}
+            return {"confusion": cm, "loss": sums}
+
+        self._step = _compiled(step, compile)
+
+    def __call__(self, params: Params, buffers: Buffers, batch: Batch) -> dict:
+        functional.set_mode(self.model, train=False)
+        return self._step(params, buffers, batch)
+
+    def scores(self, totals: dict) -> dict:
+        """The metrics of seg.metrics.scores, "loss" and "confusion_matrix", as Python values."""
+        confusion = totals["confusion"].cpu()
+        result = metrics.scores(confusion)
+        result["loss"] = float(self.loss_fn.reduce(totals["loss"]))
+        result["confusion_matrix"] = confusion.tolist()
+        return result
+
+
+def make_eval_step(model: nn.Module, loss_fn, num_classes: int, **options) -> EvalStep:
+    """The eval step of `model` (options: ignore_index, compile, logits_fn, precision,
+    channels_last; see EvalStep and make_infer)."""
+    return EvalStep(model, loss_fn, num_classes, **options)
 
 
 def _forward(model: nn.Module, precision: str, channels_last: bool) -> Callable:
@@ -189,7 +221,9 @@ def _forward(model: nn.Module, precision: str, channels_last: bool) -> Callable:
         with (torch.autocast(images.device.type, dtype=torch.bfloat16) if precision == "bf16"
               else contextlib.nullcontext()):  # fp32 leaves a caller's own autocast alone
             out, new_buffers = functional.apply(model, params, buffers, images)
-        return {k: v.float() for k, v in out.items()}, new_buffers
+        # at least float32 (bf16 autocast outputs are cast up; float64 stays float64)
+        return {k: v.to(torch.promote_types(v.dtype, torch.float32)) for k, v in out.items()}, \
+            new_buffers
 
     return forward
 
@@ -201,26 +235,20 @@ def _compiled(fn: Callable, compile: bool | str) -> Callable:
                          backend=compile if isinstance(compile, str) else "inductor")
 
 
-def evaluate(eval_step: Callable, params: Params, buffers: Buffers, batches: Iterable[Batch],
+def evaluate(eval_step: EvalStep, params: Params, buffers: Buffers, batches: Iterable[Batch],
              reduce: Callable[[list[Tensor]], list[Tensor]] | None = None) -> dict:
-    """Runs a whole split; accumulates on device and reads the host once at the end.
+    """Runs a whole split; accumulates on the device and reads the host once at the end.
 
     reduce: sums the totals over the ranks that each ran a shard of the split (e.g.
     seg.distributed.sum_across), so the metrics are those of the whole split.
     """
-    total, images = None, 0
+    total = None
     for batch in batches:
         out = eval_step(params, buffers, batch)
-        total = out if total is None else {k: total[k] + v for k, v in out.items()}
-        images += batch[0].shape[0]  # known on the host: no device counter needed
+        total = out if total is None else tree_map(torch.add, total, out)
     if total is None:
         raise ValueError("evaluate() got no batches: the split is empty")
-    confusion, loss_sum = total["confusion"], total["loss_sum"]
     if reduce is not None:
-        count = torch.tensor(images, dtype=torch.int64, device=confusion.device)
-        confusion, loss_sum, count = reduce([confusion, loss_sum, count])
-        images = int(count)
-    result = metrics.scores(confusion.cpu())
-    result["loss"] = loss_sum.item() / images
-    result["confusion_matrix"] = confusion.cpu().tolist()
-    return result
+        leaves, spec = tree_flatten(total)
+        total = tree_unflatten(reduce(leaves), spec)
+    return eval_step.scores(total)

@@ -74,10 +74,16 @@ def grid(rows: Sequence[Sequence[Tensor]], pad: int = 2, fill: int = 255) -> Ten
     return canvas
 
 
-def prediction_grid(images: Tensor, masks: Tensor, preds: Tensor, palette: Tensor,
-                    ignore_index: int = 255) -> Tensor:
-    """One row per sample: image | ground truth | prediction. images uint8 (B, 3, H, W), masks
-    and preds integer (B, H, W)."""
+def prediction_rows(images: Tensor, masks: Tensor, preds: Tensor, palette: Tensor,
+                    ignore_index: int = 255) -> list[list[Tensor]]:
+    """[image, ground truth, prediction] per sample. images uint8 (B, 3, H, W), masks and preds
+    integer (B, H, W)."""
     truth = colorize(masks, palette, ignore_index)
     predicted = colorize(preds, palette, ignore_index)
-    return grid([[images[i], truth[i], predicted[i]] for i in range(images.shape[0])])
+    return [[images[i], truth[i], predicted[i]] for i in range(images.shape[0])]
+
+
+def prediction_grid(images: Tensor, masks: Tensor, preds: Tensor, palette: Tensor,
+                    ignore_index: int = 255) -> Tensor:
+    """One row per sample: image | ground truth | prediction (see `prediction_rows`)."""
+    return grid(prediction_rows(images, masks, preds, palette, ignore_index))

@@ -1,73 +1,23 @@
-"""The run directory's JSON files (DESIGN.md, "The run directory").
-
-Values are plain JSON: tensors become numbers or lists, NaN and infinities become null.
+"""The one output path of a run: progress lines on stdout, records in metrics.jsonl, pictures,
+the summary, and the optional TensorBoard mirror. In a data-parallel job only rank 0 writes;
+the other ranks get a Writer that drops everything.
 """
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import os
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
+import torchvision
 
-
-def to_jsonable(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        x = x.tolist()
-    if isinstance(x, dict):
-        return {str(k): to_jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [to_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def fsync_directory(path: str | os.PathLike) -> None:
-    """Makes a rename or a new file in directory `path` survive a power cut, not only a crash
-    of the process (POSIX; a no-op where directories cannot be opened, e.g. on Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_atomically(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to a temporary file, syncs it and renames it over `path`: readers and a
-    restarted run see the old file or the new one, never a partial one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_directory(path.parent)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomic: readers see the old file or the new one, never a partial one."""
-    replace_atomically(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+from seg.errors import ConfigError
+from seg.rundir import RunDir
 
 
 def has_tensorboard() -> bool:
     """Whether the optional tensorboard package (torch.utils.tensorboard's backend) is there."""
     return importlib.util.find_spec("tensorboard") is not None
-
-
-def tensorboard_writer(logdir: str | os.PathLike, purge_step: int | None = None):
-    """A torch.utils.tensorboard.SummaryWriter (needs the tensorboard package). A run resumed at
-    step k passes purge_step=k+1, so that TensorBoard hides the events the crashed run wrote
-    after its checkpoint, as MetricsLog.truncate_after does for the log."""
-    from torch.utils.tensorboard import SummaryWriter  # optional: imported only when asked for
-    return SummaryWriter(str(logdir), purge_step=purge_step)
 
 
 def tensorboard_scalars(record: dict, class_names: Sequence[str] = ()) -> list[tuple[str, float]]:
@@ -84,54 +34,77 @@ def tensorboard_scalars(record: dict, class_names: Sequence[str] = ()) -> list[t
     return [(tag, float(v)) for tag, v in scalars if v is not None and math.isfinite(v)]
 
 
-class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl, each line flushed and synced whole;
-    optionally mirrors the numbers to a TensorBoard writer (`tensorboard`)."""
+class Writer:
+    """Writes a run's output to `rundir` (when `enabled`) and prints its progress lines.
 
-    def __init__(self, path: str | os.PathLike, class_names: Sequence[str] = ()):
-        self.path = Path(path)
-        self.class_names = tuple(class_names)
-        self.tensorboard = None
+    tensorboard: also mirror every record and picture to <workdir>/tensorboard (needs the
+    tensorboard package); a run resumed at step k starts it with purge_step=k+1, so that
+    TensorBoard hides what the interrupted run wrote after its checkpoint.
+    """
 
-    def write(self, record: dict) -> None:
-        if "step" not in record or record.get("split") not in ("train", "val", "test"):
-            raise ValueError(f"a metrics record needs 'step' and a split in train/val/test: "
-                             f"{sorted(record)}")
-        line = json.dumps(to_jsonable(record), allow_nan=False)
-        created = not self.path.exists()
-        # One write call of a whole line: a crash leaves at most a torn last line, which
-        # truncate_after drops on resume.
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if created:
-            fsync_directory(self.path.parent)
+    def __init__(self, rundir: RunDir, class_names: Sequence[str], *, enabled: bool = True,
+                 tensorboard: bool = False):
+        if tensorboard and not has_tensorboard():
+            raise ConfigError("train.tensorboard=True needs the tensorboard package, which is "
+                              "not installed (pip install tensorboard)")
+        self.rundir, self.class_names, self.enabled = rundir, tuple(class_names), enabled
+        self._wants_tensorboard, self.tensorboard = tensorboard, None
+
+    def start(self, step: int) -> None:
+        """Called when the loop starts at `step` (0, or the step a run resumes from)."""
+        if self.enabled and self._wants_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional: only when asked for
+            self.tensorboard = SummaryWriter(str(self.rundir.tensorboard), purge_step=step + 1)
+
+    def print(self, line: str) -> None:
+        if self.enabled:
+            print(line, flush=True)
+
+    def record(self, record: dict, **shown) -> None:
+        """Appends to metrics.jsonl (and TensorBoard) and prints the record's progress line;
+        `shown` is printed only (steps: the run's length, eta_s: the estimated time left)."""
+        if not self.enabled:
+            return
+        self.rundir.log.append(record)
         if self.tensorboard is not None:
             for tag, value in tensorboard_scalars(record, self.class_names):
                 self.tensorboard.add_scalar(tag, value, record["step"])
+        self.print(progress_line(record, **shown))
+
+    def picture(self, step: int, picture: torch.Tensor) -> None:
+        """picture: uint8 (3, H, W), written as predictions/step_<step>.png."""
+        if not self.enabled:
+            return
+        torchvision.io.write_png(picture.cpu(), str(self.rundir.picture_file(step)))
+        if self.tensorboard is not None:
+            self.tensorboard.add_image("val/predictions", picture.cpu(), step)
+
+    def summary(self, summary: dict) -> None:
+        if self.enabled:
+            self.rundir.write_summary(summary)
 
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
 
-    def truncate_after(self, step: int, redo_splits: tuple[str, ...] = ()) -> None:
-        """On resume: keep the records up to `step`; drop later ones, any torn last line, and
-        the records of `redo_splits` (those the resumed run writes again whatever the step,
-        e.g. the final test evaluation)."""
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", math.inf) <= step and record.get("split") not in redo_splits:
-                kept.append(line)
-        replace_atomically(self.path, "".join(line + "\n" for line in kept))
 
-    def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+def progress_line(record: dict, steps: int | None = None, eta_s: float | None = None) -> str:
+    """The line printed for a record: the train losses, lr, throughput and ETA; an eval's
+    mIoU, pixel accuracy and loss."""
+    step, split = record["step"], record["split"]
+    if split == "train":
+        parts = [f"step {step}/{steps or '?'}", f"loss {_num(record['loss'])}"]
+        if "loss_aux" in record:
+            parts.append(f"(main {_num(record['loss_main'])} aux {_num(record['loss_aux'])})")
+        parts += [f"lr {record['lr']:.3g}", f"{record['images_per_s']:.1f} img/s"]
+        if eta_s is not None:
+            parts.append(f"eta {eta_s:.0f}s")
+        if record.get("skipped"):
+            parts.append(f"skipped {record['skipped']}")
+        return "  ".join(parts)
+    return (f"step {step}  {split} miou {_num(record['miou'])}  pixel_acc "
+            f"{_num(record['pixel_acc'])}  loss {_num(record['loss'])}")
+
+
+def _num(v) -> str:
+    return "n/a" if v is None or v != v else f"{v:.4f}"

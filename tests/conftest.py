@@ -24,15 +24,6 @@ def randomise_bn():
     return _randomise_bn
 
 
-@pytest.fixture(scope="session")
-def train_script():
-    """experiments/train.py as a module, for tests that call run() / main() in-process. One
-    import for every test (it defines absl flags, which a second copy would define again)."""
-    from experiments import train
-
-    return train
-
-
 @pytest.fixture(scope="module")
 def shared_synthetic_data():
     """Generates each synthetic split once per test module instead of once per run: every run
@@ -104,3 +95,33 @@ def decode(image):
     """uint8 (..., 3, H, W) -> (..., H, W) index of the nearest palette colour."""
     d = image.movedim(-3, -1)[..., None, :].float() - PALETTE.float()
     return (d * d).sum(-1).argmin(-1)
+
+
+# ---------------------------------------------------------------- data: a folder dataset on disk
+
+def write_folder_dataset(root, sizes: dict, num_classes: int = 3, seed: int = 0):
+    """A dataset in the folder layout (seg/data/folder.py): for each split, images (JPEG) and
+    masks (PNG) of the given (H, W) sizes, smooth enough that a model can learn a little, and a
+    classes.json with the normalisation statistics. Returns the root."""
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    for split, shapes in sizes.items():
+        for i, (h, w) in enumerate(shapes):
+            ys, xs = np.mgrid[0:h, 0:w]
+            cx, cy, r = g.uniform(0, w), g.uniform(0, h), g.uniform(4, max(5, min(h, w) / 2))
+            mask = np.where((xs - cx) ** 2 + (ys - cy) ** 2 < r * r,
+                            1 + (i % (num_classes - 1)), 0).astype(np.uint8)
+            mask[0, :2] = 255
+            image = np.clip(60 + 120 * (mask[..., None] > 0) * g.uniform(0.5, 1, 3)
+                            + g.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+            for folder, array, name in (("images", image, f"{i:03d}.jpg"),
+                                        ("masks", mask, f"{i:03d}.png")):
+                (root / split / folder).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(root / split / folder / name)
+    meta = {"name": "discs", "classes": [f"c{k}" for k in range(num_classes)],
+            "ignore_index": 255, "stats": {"train_rgb_mean": [0.4, 0.4, 0.4],
+                                           "train_rgb_std": [0.25, 0.25, 0.25]}}
+    (root / "classes.json").write_text(json.dumps(meta))
+    return root

@@ -4,28 +4,24 @@ what the test asserts and rank 0 writes it to <out>/result.json.
   library:  a few train steps of a tiny UNet on rank slices of one global batch, with
             SyncBatchNorm2d (autograd and torch.func) or per-rank BN + average_buffers, against
             one process on the whole batch; the sharded evaluation against a single-process one.
-  script:   experiments/train.py's run() on 2 ranks; the final params / buffers / optimizer state
-            each rank holds (captured by wrapping make_train_step / make_eval_step).
+  loop:     seg.loop.train_and_evaluate on 2 ranks; the final params / buffers / optimizer
+            state each rank holds (captured by wrapping make_train_step / make_eval_step).
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import ml_collections
+import torch
+import torch.distributed as dist
 
-import ml_collections  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from configs import unet  # noqa: E402
-from seg import distributed, functional, losses, models, optim  # noqa: E402
-from seg import train as seg_train  # noqa: E402
-from seg.data import batches, synthetic  # noqa: E402
+from configs import unet
+from seg import distributed, functional, loop, losses, models, optim
+from seg import train as seg_train
+from seg.data import batches, synthetic
 
 STEPS, GLOBAL_BATCH = 3, 4
 MODEL = ml_collections.ConfigDict(dict(name="unet", base_channels=8, depth=2, bilinear=False,
@@ -140,15 +136,8 @@ def single_eval(params, buffers, data) -> dict:
     return {k: out[k] for k in ("confusion_matrix", "miou", "loss")}
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "experiments/train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
-def script_run(script, workdir: Path, sync_bn: bool) -> dict:
-    """experiments/train.py's run() on this rank; digests of the final state it holds."""
+def loop_run(workdir: Path, sync_bn: bool) -> dict:
+    """seg.loop.train_and_evaluate on this rank; digests of the final state it holds."""
     seen = {}
     make_train_step, make_eval_step = seg_train.make_train_step, seg_train.make_eval_step
 
@@ -161,23 +150,23 @@ def script_run(script, workdir: Path, sync_bn: bool) -> dict:
             return new_state, m
         return wrapped
 
-    def capture_eval(*args, **kwargs):
-        step = make_eval_step(*args, **kwargs)
+    class CaptureEval:
+        def __init__(self, *args, **kwargs):
+            self.step = make_eval_step(*args, **kwargs)
+            self.scores = self.step.scores
 
-        def wrapped(params, buffers, batch):
+        def __call__(self, params, buffers, batch):
             seen["params"], seen["buffers"] = params, buffers
-            return step(params, buffers, batch)
-        return wrapped
+            return self.step(params, buffers, batch)
 
-    script.seg_train.make_train_step = capture_train
-    script.seg_train.make_eval_step = capture_eval
+    seg_train.make_train_step, seg_train.make_eval_step = capture_train, CaptureEval
     try:
         cfg = unet.get_config()
         cfg.model.base_channels, cfg.model.depth = 4, 2
         cfg.data.update(image_size=32, num_train=16, num_val=8, num_test=8)
         cfg.train.update(steps=4, batch_size=4, eval_every=2, log_every=2, checkpoint_every=2,
                          eval_batch_size=8, sync_bn=sync_bn)
-        script.run(cfg, workdir)
+        loop.train_and_evaluate(cfg, workdir)
     finally:
         seg_train.make_train_step, seg_train.make_eval_step = make_train_step, make_eval_step
     # the last eval step saw the final params and buffers (after any averaging)
@@ -190,9 +179,8 @@ def main(out: Path) -> None:
     dist.init_process_group("gloo")
     result = {}
     library_checks(result)
-    script = load_script()
     for name, sync_bn in (("run_local_bn", False), ("run_sync_bn", True)):
-        digests = distributed.gather_objects(script_run(script, out / name, sync_bn))
+        digests = distributed.gather_objects(loop_run(out / name, sync_bn))
         result[name] = {k: digests[0][k] == digests[1][k] for k in digests[0]}
     if dist.get_rank() == 0:
         (out / "result.json").write_text(json.dumps(result, indent=1))

@@ -1,5 +1,6 @@
-"""The ablation scripts end to end on tiny settings, in-process: one run directory per variant
-and seed, summary.json with mean / std matching the runs' own summaries, reuse of finished runs."""
+"""The ablation studies (configs/ablations.py) swept end to end on tiny settings, in-process
+(seg/sweep.py): one run directory per variant and seed, summary.json with mean / std matching
+the runs' own summaries, reuse of finished runs; and the command line (experiments/ablate.py)."""
 from __future__ import annotations
 
 import json
@@ -7,17 +8,18 @@ import statistics
 
 import pytest
 
-from experiments import ablate_fcn_skips, ablate_loss, ablate_pspnet, ablate_unet, sweep
+from configs import ablations
+from seg import config, errors, loop, sweep
 
 TINY = ["data.image_size=32", "data.num_train=8", "data.num_val=4", "data.num_test=4",
         "train.batch_size=2", "train.eval_batch_size=4", "train.num_pictures=0"]
 SCRIPTS = {
-    "loss": (lambda: ablate_loss.variants(None, model="unet"),
+    "loss": (lambda: ablations.variants("loss", model="unet"),
              ["model.base_channels=8", "model.depth=2"]),
-    "unet": (lambda: ablate_unet.variants(None), ["model.base_channels=8", "model.depth=2"]),
-    "fcn": (lambda: ablate_fcn_skips.variants(None),
+    "unet": (lambda: ablations.variants("unet"), ["model.base_channels=8", "model.depth=2"]),
+    "fcn": (lambda: ablations.variants("fcn_skips"),
             ["model.backbone=vgg11", "model.fc_channels=16"]),
-    "pspnet": (lambda: ablate_pspnet.variants(None), ["model.output_stride=32"]),
+    "pspnet": (lambda: ablations.variants("pspnet"), ["model.output_stride=32"]),
 }
 pytestmark = pytest.mark.usefixtures("shared_synthetic_data", "one_thread")
 
@@ -47,7 +49,7 @@ def test_sweep_writes_runs_and_mean_std(script, tmp_path, capsys):
 
 
 def test_finished_runs_are_read_not_trained_again(tmp_path, monkeypatch):
-    configs = ablate_unet.variants(None)
+    configs = ablations.variants("unet")
     overrides = TINY + SCRIPTS["unet"][1]
     first = sweep.run_sweep(configs, tmp_path, seeds=[3], steps=1, overrides=overrides)
     log = tmp_path / "bilinear-bce" / "seed3" / "metrics.jsonl"
@@ -56,21 +58,21 @@ def test_finished_runs_are_read_not_trained_again(tmp_path, monkeypatch):
     def no_training(cfg, workdir):
         raise AssertionError(f"{workdir} trained again")
 
-    monkeypatch.setattr(sweep._train_script(), "run", no_training)
+    monkeypatch.setattr(loop, "train_and_evaluate", no_training)
     again = sweep.run_sweep(configs, tmp_path, seeds=[3], steps=1, overrides=overrides)
     assert again["variants"] == first["variants"] and log.read_text() == before
-    with pytest.raises(ValueError, match="another config"):  # a changed config is refused
+    with pytest.raises(errors.ConfigError, match="another config"):  # a changed config is refused
         sweep.run_sweep(configs, tmp_path, seeds=[3], steps=2, overrides=overrides)
 
 
 def test_overrides():
-    assert sweep.parse_override("train.steps=5") == ("train.steps", 5)
-    assert sweep.parse_override("model.bins=(1,2)") == ("model.bins", (1, 2))
-    assert sweep.parse_override("train.compile=true") == ("train.compile", True)
-    assert sweep.parse_override("model.backbone=resnet18") == ("model.backbone", "resnet18")
+    assert config.parse_override("train.steps=5") == ("train.steps", 5)
+    assert config.parse_override("model.bins=(1,2)") == ("model.bins", (1, 2))
+    assert config.parse_override("train.compile=true") == ("train.compile", True)
+    assert config.parse_override("model.backbone=resnet18") == ("model.backbone", "resnet18")
     with pytest.raises(ValueError, match="key=value"):
-        sweep.parse_override("train.steps")
-    configs = ablate_loss.variants(None, model="unet")
+        config.parse_override("train.steps")
+    configs = ablations.variants("loss", model="unet")
     runs = sweep.plan(configs, [0, 4], steps=7,
                       overrides=["data.ignore_index=7", "train.freeze=['inc']"])
     assert [(name, seed) for name, seed, _ in runs][:3] == [

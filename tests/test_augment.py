@@ -163,7 +163,7 @@ def test_eval_transform_is_resize_then_centre_crop():
                                                  [24, 24]))
     assert torch.equal(out_mask, TF.center_crop(TF.resize(
         mask[None], [24, 40], interpolation=InterpolationMode.NEAREST), [24, 24])[0])
-    # whole images unless seed 004's preprocessing (data.resize) is asked for
+    # whole images unless the resize preprocessing (data.resize) is asked for
     assert augment.eval_transform(data_cfg(crop_size=(24, 24), scale_range=(0.5, 2.0)),
                                   info) is None
 

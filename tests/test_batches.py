@@ -193,20 +193,39 @@ def mixed():
     return palette_coded([torch.randint(0, 4, s, generator=g, dtype=torch.uint8) for s in sizes])
 
 
-def test_eval_pads_to_a_multiple_with_ignore_and_the_mean_colour(mixed):
+def _per_image(found):
+    """The padded (image, mask) of every sample, in the split's order."""
+    return [(images[k], masks[k]) for images, masks in found for k in range(len(masks))]
+
+
+def test_eval_pads_each_image_to_a_multiple_with_ignore_and_the_mean_colour(mixed):
     found = list(batches.eval_batches(mixed, None, 3, pad_multiple=16))
-    assert [tuple(m.shape) for _, m in found] == [(3, 48, 48), (2, 32, 32)]
-    for k, (image, mask) in enumerate(mixed.pairs[:3]):
+    # sizes (20, 30), (33, 17), (8, 40) | (32, 32), (25, 26) read 3 at a time; each padded to
+    # its own size rounded up to 16, and those of one padded size batched together
+    assert [tuple(m.shape) for _, m in found] == [(1, 32, 32), (1, 48, 32), (1, 16, 48),
+                                                  (2, 32, 32)]
+    for (image, mask), (got_image, got_mask) in zip(mixed.pairs, _per_image(found)):
         h, w = mask.shape
-        got_images, got_masks = found[0][0][k], found[0][1][k]
-        assert torch.equal(got_masks[:h, :w], mask.long())
-        assert torch.equal(got_images[:, :h, :w],
+        assert got_mask.shape == (-(-h // 16) * 16, -(-w // 16) * 16)
+        assert torch.equal(got_mask[:h, :w], mask.long())
+        assert torch.equal(got_image[:, :h, :w],
                            batches.normalize(image, mixed.info.mean, mixed.info.std))
-        pad = torch.ones(48, 48, dtype=torch.bool)
+        pad = torch.ones(got_mask.shape, dtype=torch.bool)
         pad[:h, :w] = False
-        assert (got_masks[pad] == 255).all()
-        # the mean colour: ~0 once normalised (within half a grey level)
-        assert got_images[:, pad].abs().max() <= 0.5 / 255 / 0.25 + 1e-6
+        assert (got_mask[pad] == 255).all()
+        # the mean colour: ~0 once normalised (within half a grey level); (32, 32) has no padding
+        assert not pad.any() or got_image[:, pad].abs().max() <= 0.5 / 255 / 0.25 + 1e-6
+
+
+def test_what_the_network_sees_of_an_image_does_not_depend_on_the_batch_size(mixed):
+    def seen(batch_size):  # every padded sample, in an order that does not depend on batching
+        found = _per_image(batches.eval_batches(mixed, None, batch_size, pad_multiple=16))
+        return sorted(found, key=lambda pair: pair[1].numpy().tobytes())
+
+    one = seen(1)
+    for batch_size in (2, 5, 7):
+        for (a, ma), (b, mb) in zip(one, seen(batch_size), strict=True):
+            assert torch.equal(a, b) and torch.equal(ma, mb)
 
 
 def test_padded_eval_counts_exactly_the_unpadded_pixels(mixed):

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from seg import checkpoint, distributed, functional, losses, models, optim
+from seg import distributed, functional, losses, models, optim, rundir
 from seg import train as seg_train
 from seg.data import batches, synthetic
 
@@ -126,7 +126,7 @@ def test_ranks_hold_identical_states(torchrun):
     # per-rank BN statistics drift apart until averaged
     assert not r["local_buffers_identical"] and r["averaged_identical"]
     assert r["averaged_is_the_mean"]
-    for run in ("run_local_bn", "run_sync_bn"):  # experiments/train.py's final state
+    for run in ("run_local_bn", "run_sync_bn"):  # the training loop's final state
         assert r[run] == {"params": True, "buffers": True, "opt_state": True}
 
 
@@ -172,8 +172,8 @@ def test_script_val_metrics_equal_a_single_process_eval_of_its_checkpoint(torchr
     out, _, _ = torchrun
     workdir = out / "run_local_bn"
     cfg = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    saved = checkpoint.restore(workdir / "checkpoints")
-    assert saved["step"] == 4 and len(saved["rng"]) == 2  # every rank's RNG state
+    saved = rundir.RunDir(workdir).restore_checkpoint()
+    assert int(saved["state"]["step"]) == 4 and len(saved["rng"]) == 2  # every rank's RNG state
     model = functional.init(lambda: models.build(cfg.model, 3), seed=0)[0]
     eval_step = seg_train.make_eval_step(model, losses.cross_entropy, 3)
     val = synthetic.generate("val", 8, 32, num_classes=3, seed=0)

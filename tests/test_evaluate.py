@@ -1,5 +1,6 @@
-"""experiments/evaluate.py on a tiny trained run: the restored model reproduces the run's own
-numbers, the eval settings change what they should, and the run's prediction pictures."""
+"""Evaluating a finished run (seg.evaluation, experiments/evaluate.py) on a tiny trained run:
+the restored model reproduces the run's own numbers, the eval settings change what they should,
+and the run's prediction pictures."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,7 @@ import torch
 import torchvision
 
 from configs import unet
-from experiments import evaluate
-from seg import data, visualize
+from seg import data, errors, evaluation, loop, visualize
 from seg.data import batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def tiny_config():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, shared_synthetic_data, one_thread):
     workdir = tmp_path_factory.mktemp("run") / "unet"
-    evaluate._train_script().run(tiny_config(), workdir)
+    loop.train_and_evaluate(tiny_config(), workdir)
     return workdir
 
 
@@ -42,7 +42,7 @@ def summary(workdir):
 
 
 def test_whole_image_eval_reproduces_the_runs_numbers(run_dir):
-    record = evaluate.evaluate_run(run_dir, "val")
+    record = evaluation.evaluate_run(run_dir, "val")
     last = summary(run_dir)["last_eval"]["val"]
     assert record["step"] == 3 == last["step"]
     assert record["miou"] == last["miou"] and record["loss"] == last["loss"]
@@ -58,10 +58,10 @@ def test_whole_image_eval_reproduces_the_runs_numbers(run_dir):
 
 def test_slide_and_tta_settings(run_dir):
     test = summary(run_dir)["last_eval"]["test"]
-    covering = evaluate.evaluate_run(run_dir, "test", tag="big", mode="slide", window=(64, 64),
+    covering = evaluation.evaluate_run(run_dir, "test", tag="big", mode="slide", window=(64, 64),
                                      stride=(32, 32))
     assert covering["confusion_matrix"] == test["confusion_matrix"]  # one window = whole image
-    tiled = evaluate.evaluate_run(run_dir, "test", tag="tiles", mode="slide", window=(16, 16),
+    tiled = evaluation.evaluate_run(run_dir, "test", tag="tiles", mode="slide", window=(16, 16),
                                   stride=(8, 8), flip=True, scales=(0.5, 1.0))
     assert tiled["eval"]["window"] == (16, 16) and tiled["eval"]["scales"] == (0.5, 1.0)
     assert tiled["loss"] != pytest.approx(test["loss"])  # the averaged probabilities' loss
@@ -70,12 +70,12 @@ def test_slide_and_tta_settings(run_dir):
 
 
 def test_bad_settings_and_missing_files_are_errors(run_dir, tmp_path):
-    with pytest.raises(ValueError, match="eval.stride"):
-        evaluate.evaluate_run(run_dir, "val", mode="slide", window=(8, 8), stride=(16, 16))
-    with pytest.raises(ValueError, match="config.json"):
-        evaluate.evaluate_run(tmp_path, "val")
-    with pytest.raises(ValueError, match="--checkpoint"):
-        evaluate.evaluate_run(run_dir, "val", checkpoint_file=tmp_path / "nope.pt")
+    with pytest.raises(errors.ConfigError, match="eval.stride"):
+        evaluation.evaluate_run(run_dir, "val", mode="slide", window=(8, 8), stride=(16, 16))
+    with pytest.raises(errors.ConfigError, match="config.json"):
+        evaluation.evaluate_run(tmp_path, "val")
+    with pytest.raises(errors.ConfigError, match="--checkpoint"):
+        evaluation.evaluate_run(run_dir, "val", checkpoint=tmp_path / "nope.pt")
 
 
 def test_command_line_prints_the_per_class_table(run_dir):
@@ -92,7 +92,7 @@ def test_command_line_prints_the_per_class_table(run_dir):
 
 def test_a_finished_run_is_not_evaluated_again(run_dir):
     before = (run_dir / "metrics.jsonl").read_text()
-    again = evaluate._train_script().run(tiny_config(), run_dir)
+    again = loop.train_and_evaluate(tiny_config(), run_dir)
     assert again == summary(run_dir) and (run_dir / "metrics.jsonl").read_text() == before
 
 
@@ -108,3 +108,77 @@ def test_prediction_pictures_of_the_run(run_dir):
     assert torch.equal(picture[:, 2:34, 2:34], val.images[0])  # row 0, column 0: the image
     images, _ = next(batches.eval_batches(val, None, 2))
     assert torch.equal(visualize.unnormalize(images, val.mean, val.std), val.images[:2])
+
+
+# ---------------------------------------------------------------- images of mixed sizes
+
+MIXED = [(20, 30), (33, 17), (8, 40), (32, 32), (25, 26), (40, 21), (17, 17), (29, 35)]
+
+
+class Float64(torch.nn.Module):
+    """Runs a model in float64: batched and single-image kernels then agree to ~1e-16, far
+    below any gap between two logits, so no argmax can flip between two batchings."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.double())
+
+
+def _eval_mixed(batch_size: int, pad_multiple: int = 8) -> dict:
+    from conftest import palette_coded
+
+    import ml_collections
+    from seg import functional, losses, models
+    from seg import train as seg_train
+    from seg.data import Split
+
+    g = torch.Generator().manual_seed(0)
+    masks = [torch.randint(0, 4, s, generator=g, dtype=torch.uint8) for s in MIXED]
+    unet = ml_collections.ConfigDict(dict(name="unet", base_channels=4, depth=2))
+    model, params, buffers = functional.init(lambda: Float64(models.build(unet, 4)), seed=0)
+    params = {k: v.double() for k, v in params.items()}
+    buffers = {k: v.double() if v.is_floating_point() else v for k, v in buffers.items()}
+    cfg = ml_collections.ConfigDict({
+        "data": {"workers": 0, "pad_multiple": pad_multiple, "prefetch": 2},
+        "train": {"eval_batch_size": batch_size}})
+    eval_step = seg_train.make_eval_step(model, losses.cross_entropy, 4)
+    return evaluation.evaluate_split(eval_step, params, buffers,
+                                     Split(palette_coded(masks), None), cfg, "cpu")
+
+
+def test_metrics_and_loss_do_not_depend_on_the_eval_batch_size_with_mixed_sizes():
+    one = _eval_mixed(1)
+    assert sum(map(sum, one["confusion_matrix"])) == sum(h * w for h, w in MIXED)
+    for batch_size in (3, 7, 8):
+        other = _eval_mixed(batch_size)
+        assert other["confusion_matrix"] == one["confusion_matrix"]
+        assert other["miou"] == pytest.approx(one["miou"], rel=1e-12)
+        assert other["loss"] == pytest.approx(one["loss"], rel=1e-12)
+    # what a network sees of an image does change its predictions (so the equality above is
+    # not that of a model blind to the padding): here, padding to a multiple of 64 instead of 8
+    assert _eval_mixed(1, pad_multiple=64)["confusion_matrix"] != one["confusion_matrix"]
+
+
+def test_evaluating_a_trained_run_with_eval_batch_1_and_7(tmp_path):
+    """The same on a run trained on a folder dataset of mixed sizes, in the run's own float32:
+    batched and single-image kernels round differently (~1e-7 relative), which moves the loss by
+    about that much (5e-9 measured) and could flip an argmax whose top two logits are within
+    that of each other, so the matrices may differ by such pixels: far fewer than 0.1%. Before
+    each image was padded on its own, 9-16% of a small image's pixels changed class."""
+    from conftest import write_folder_dataset
+
+    root = write_folder_dataset(tmp_path / "data", {"train": [(32, 32)] * 8, "val": MIXED,
+                                                    "test": []})
+    cfg = tiny_config()
+    cfg.data.update(name="folder", root=str(root), test_split="", crop_size=(24, 24))
+    cfg.train.update(steps=4, eval_every=4, num_pictures=0)
+    loop.train_and_evaluate(cfg, tmp_path / "w")
+    one = evaluation.evaluate_run(tmp_path / "w", "val", batch_size=1, tag="b1")
+    seven = evaluation.evaluate_run(tmp_path / "w", "val", batch_size=7, tag="b7")
+    assert seven["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    moved = sum(abs(a - b) for ra, rb in zip(one["confusion_matrix"], seven["confusion_matrix"])
+                for a, b in zip(ra, rb)) / 2
+    assert moved <= 1e-3 * sum(h * w for h, w in MIXED)

@@ -7,14 +7,12 @@ import copy
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
-
 import ml_collections
 import pytest
 import torch
 
 from configs import unet
-from seg import functional, losses, models, optim
+from seg import errors, functional, loop, losses, models, optim
 from seg import train as seg_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,9 +36,9 @@ def snapshot(workdir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def finished(train_script, tmp_path_factory):
+def finished(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("finished") / "w"
-    train_script.run(tiny(), workdir)
+    loop.train_and_evaluate(tiny(), workdir)
     return workdir
 
 
@@ -53,21 +51,22 @@ def finished(train_script, tmp_path_factory):
     ({"data.name": "cityscapes"}, {}, "data.name"),
     ({"train.batch_size": 6}, {"RANK": "0", "WORLD_SIZE": "4"}, "train.batch_size"),
     ({"train.nonfinite": "ignore"}, {}, "train.nonfinite"),
+    ({"train.eval_batch_size": 6}, {"RANK": "0", "WORLD_SIZE": "4"}, "train.eval_batch_size"),
+    ({"train.device": "tpu"}, {}, "train.device"),
+    ({"model.bins": (1, 0)}, {}, "bins"),
+    ({"optimizer.name": "lamb"}, {}, "optimizer.name"),
 ])
-def test_bad_input_exits_with_one_line_naming_the_field_and_touches_nothing(
-        train_script, finished, monkeypatch, overrides, env, field):
-    """main() as the command line runs it (flags already parsed into a config):
-    sys.exit("error: ...") prints that one line to stderr and exits with status 1."""
+def test_bad_input_is_one_error_naming_the_field_and_touches_nothing(
+        finished, monkeypatch, overrides, env, field):
+    """What the command line reports as one line (seg/cli.py): a seg.errors.Error whose message
+    is one line naming the field, raised before anything of the existing run changes."""
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(train_script, "_CONFIG", SimpleNamespace(value=tiny(**overrides)))
-    monkeypatch.setattr(train_script, "_WORKDIR", SimpleNamespace(value=str(finished)))
     before = snapshot(finished)
-    with pytest.raises(SystemExit) as e:
-        train_script.main([])
-    message = e.value.code
-    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
-    assert field in message, message
+    with pytest.raises(errors.Error) as e:
+        loop.train_and_evaluate(tiny(**overrides), finished)
+    message = str(e.value)
+    assert "\n" not in message and field in message, message
     assert snapshot(finished) == before
 
 
@@ -126,17 +125,14 @@ def test_skip_mode_applies_a_finite_step_exactly():
 HUGE_LR = {"optimizer.name": "sgd", "optimizer.lr": 1e8, "train.steps": 8, "train.log_every": 1}
 
 
-def test_stop_mode_exits_naming_the_step_and_keeps_the_last_good_checkpoint(
-        train_script, tmp_path, monkeypatch):
+def test_stop_mode_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = tmp_path / "w"
     cfg = tiny(**HUGE_LR, **{"train.eval_every": 4, "train.checkpoint_every": 2})
-    monkeypatch.setattr(train_script, "_CONFIG", SimpleNamespace(value=cfg))
-    monkeypatch.setattr(train_script, "_WORKDIR", SimpleNamespace(value=str(workdir)))
-    with pytest.raises(SystemExit) as e:
-        train_script.main([])  # the command line's path: sys.exit("error: ...") -> status 1
-    match = re.fullmatch(r"error: non-finite loss at step (\d+) \(train.nonfinite='stop'\); "
-                         r"the last good checkpoint is (\S+)", e.value.code)
-    assert match, e.value.code
+    with pytest.raises(errors.NonFiniteError) as e:
+        loop.train_and_evaluate(cfg, workdir)
+    match = re.fullmatch(r"non-finite loss at step (\d+) \(train.nonfinite='stop'\); "
+                         r"the last good checkpoint is (\S+)", str(e.value))
+    assert match, str(e.value)
     bad, kept = int(match.group(1)), Path(match.group(2))
     train = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
              if '"train"' in line]
@@ -150,9 +146,9 @@ def test_stop_mode_exits_naming_the_step_and_keeps_the_last_good_checkpoint(
         assert all(torch.isfinite(v).all() for v in state["params"].values()), path
 
 
-def test_skip_mode_logs_skipped_steps_and_leaves_the_state_as_it_was(train_script, tmp_path):
+def test_skip_mode_logs_skipped_steps_and_leaves_the_state_as_it_was(tmp_path):
     workdir = tmp_path / "w"
-    train_script.run(tiny(**HUGE_LR, **{"train.checkpoint_every": 1, "train.keep_checkpoints": 10,
+    loop.train_and_evaluate(tiny(**HUGE_LR, **{"train.checkpoint_every": 1, "train.keep_checkpoints": 10,
                                         "train.nonfinite": "skip"}), workdir)
     train = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
              if '"train"' in line]

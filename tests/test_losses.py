@@ -242,3 +242,35 @@ def test_losses_trace_as_one_graph(name):
     # fullgraph=True fails on any graph break, which a host sync (.item(), x[mask]) would cause.
     compiled = torch.compile(fn, fullgraph=True, backend="eager")
     assert torch.equal(compiled(logits, target), fn(logits, target))
+
+
+@pytest.mark.parametrize("name", sorted(ALL_LOSSES))
+def test_sums_over_batches_reduce_to_the_loss_of_the_whole(name):
+    """An evaluation adds the sums of its batches: the result must be the loss of all of them
+    taken as one batch (in float64 the two differ by rounding only)."""
+    fn, make = ALL_LOSSES[name]
+    loss = fn if isinstance(fn, losses.Loss) else None
+    if loss is None:  # the weighted variants are lambdas over a Loss with bound options
+        base = losses.cross_entropy if "cross" in name else losses.focal_loss
+        loss = base.bind(weight=WEIGHTS.double(), **({"gamma": 0.5} if "half" in name else {}))
+    parts = [make(seed) for seed in (20, 21, 22)]
+    parts = [(x.double(), t) for x, t in parts]
+    total = None
+    for x, t in parts:
+        s = loss.sums(x, t)
+        total = s if total is None else {k: total[k] + v for k, v in s.items()}
+    whole = loss(torch.cat([x for x, _ in parts]), torch.cat([t for _, t in parts]))
+    assert loss.reduce(total).item() == pytest.approx(whole.item(), rel=1e-12)
+    assert loss(*parts[0]).item() == pytest.approx(loss.reduce(loss.sums(*parts[0])).item(),
+                                                   rel=0)
+
+
+def test_head_losses_split_the_objective():
+    logits, target = multiclass_batch(30)
+    aux = logits.flip(1)
+    parts = losses.head_losses({"out": logits, "aux": aux}, target, losses.cross_entropy, 0.4)
+    assert torch.equal(parts["loss_main"], losses.cross_entropy(logits, target))
+    assert torch.equal(parts["loss_aux"], losses.cross_entropy(aux, target))
+    assert torch.equal(parts["loss"], parts["loss_main"] + 0.4 * parts["loss_aux"])
+    assert set(losses.head_losses({"out": logits, "aux": aux}, target, losses.cross_entropy,
+                                  0.0)) == {"loss", "loss_main"}

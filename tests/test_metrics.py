@@ -10,7 +10,7 @@ from seg import metrics
 
 IGN = 255
 
-# The seed notebook's own check (seed 004, MetricsCollection), copied verbatim.
+# A per-image metrics notebook's own check (its MetricsCollection example), copied verbatim.
 NB_PRED = torch.tensor([[[0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]],
                         [[0, 0, 0, 0], [0, 2, 2, 0], [0, 2, 0, 0], [0, 0, 0, 0]]])
 NB_TARGET = torch.tensor([[[0, 0, 0, 0], [0, 1, 255, 0], [0, 1, 255, 0], [0, 0, 0, 0]],

@@ -1,5 +1,5 @@
-"""experiments/report.py on two hand-written run directories: rows, values, class columns,
-and plots drawn or skipped with the reason."""
+"""seg/report.py (experiments/report.py) on two hand-written run directories: rows, values,
+class columns, and plots drawn or skipped with the reason."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from experiments import report
+from seg import report
 
 
 def make_run(path, name, params, classes, val_iou, miou, steps=100, wall=65.2, ips=12.5,

@@ -1,4 +1,4 @@
-"""Crash safety of experiments/train.py: a run killed with SIGKILL and restarted, or resumed past
+"""Crash safety of the training loop: a run killed with SIGKILL and restarted, or resumed past
 a truncated checkpoint, ends with bitwise the numbers of an uninterrupted run; and the same
 config and seed give bitwise the same run (in this process or another)."""
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from configs import unet
+from seg import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 # 48 short steps: about a second of training after the first checkpoint, time to kill it
@@ -56,9 +57,9 @@ def assert_same_final_state(workdir, reference):
 
 
 @pytest.fixture(scope="module")
-def reference(train_script, tmp_path_factory):
+def reference(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference") / "w"
-    train_script.run(config(), workdir)
+    loop.train_and_evaluate(config(), workdir)
     return workdir
 
 
@@ -91,30 +92,30 @@ def test_killed_run_restarted_ends_with_the_same_numbers(reference, tmp_path):
 
 
 def test_truncated_latest_checkpoint_is_reported_and_the_previous_one_used(
-        train_script, reference, tmp_path, capsys):
+        reference, tmp_path, capsys):
     workdir = tmp_path / "w"
     shutil.copytree(reference, workdir)
     latest = workdir / "checkpoints" / "ckpt_00000048.pt"
     latest.write_bytes(latest.read_bytes()[:latest.stat().st_size // 2])
     with pytest.warns(UserWarning, match=f"checkpoint {latest} is unreadable"):
-        train_script.run(config(), workdir)
+        loop.train_and_evaluate(config(), workdir)
     assert "resumed from step 40" in capsys.readouterr().out
     assert records(workdir) == records(reference)  # the test record is redone, not repeated
     assert_same_final_state(workdir, reference)
 
 
-def test_same_config_and_seed_give_bitwise_the_same_run(train_script, reference, tmp_path):
+def test_same_config_and_seed_give_bitwise_the_same_run(reference, tmp_path):
     again = tmp_path / "again"
-    train_script.run(config(), again)
+    loop.train_and_evaluate(config(), again)
     assert len(records(again)) == 12 + 6 + 1  # train every 4, val every 8, test
     assert records(again) == records(reference)
     assert_same_final_state(again, reference)
 
 
-def test_restarting_a_finished_run_repeats_no_record(train_script, reference, tmp_path, capsys):
+def test_restarting_a_finished_run_repeats_no_record(reference, tmp_path, capsys):
     workdir = tmp_path / "w"
     shutil.copytree(reference, workdir)
-    train_script.run(config(), workdir)
+    loop.train_and_evaluate(config(), workdir)
     assert "resumed from step 48" in capsys.readouterr().out
     assert records(workdir) == records(reference)  # one test record, evaluated again
 

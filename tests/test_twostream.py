@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models._utils import IntermediateLayerGetter
 
-from configs import pspnet_seed004
+from configs import twostream
 from seg import functional, losses, optim
 from seg import train as seg_train
 from seg.models.twostream import TwoStreamPSPNet
@@ -101,7 +101,7 @@ def _batch():
 
 
 def test_config_freezes_encoder_weights_and_statistics():
-    cfg = pspnet_seed004.get_config()
+    cfg = twostream.get_config()
     assert cfg.train.freeze == ("backbone",) and cfg.loss.ignore_index == 255
     step, state, frozen = _setup(cfg)
     assert frozen and all(k.startswith("backbone.") for k in frozen)
@@ -116,7 +116,7 @@ def test_config_freezes_encoder_weights_and_statistics():
 
 
 def test_steps_decrease_loss():
-    cfg = pspnet_seed004.get_config()
+    cfg = twostream.get_config()
     step, state, _ = _setup(cfg)
     batch, found = _batch(), []
     for _ in range(10):

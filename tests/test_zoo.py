@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from configs import deeplabv3, fcn8s, fcn16s, fcn32s, fcn_resnet50, pspnet, pspnet_seed004, unet
+from configs import deeplabv3, fcn8s, fcn16s, fcn32s, fcn_resnet50, pspnet, twostream, unet
 from seg import functional, losses, models, optim
 from seg.data import batches, synthetic
 from seg import train as seg_train
@@ -21,7 +21,7 @@ ZOO = {
     "unet": (unet, {"base_channels": 8, "depth": 3}),
     "pspnet": (pspnet, {"backbone": "resnet18"}),
     "deeplabv3": (deeplabv3, {"backbone": "resnet18"}),
-    "pspnet_seed004": (pspnet_seed004, {"backbone": "resnet18"}),
+    "twostream": (twostream, {"backbone": "resnet18"}),
 }
 
 

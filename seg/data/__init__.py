@@ -1,4 +1,5 @@
-"""Datasets: `build(config.data, split)` returns one split as a SegDataset (seg/data/dataset.py).
+"""Datasets: `build(config.data, split)` returns one split as a SegDataset (seg/data/dataset.py);
+`build_splits(config.data)` every split a run uses, each with its augmentation.
 
 data.name: synthetic (generated, the default) | folder | camvid | voc | pets (read from
 data.root, never downloaded). split "train" / "val" / "test" reads the dataset's split named by
@@ -7,7 +8,9 @@ shared decoding and checks: files.py; memmap / hdf5 caches (data.storage): cache
 """
 from __future__ import annotations
 
-from seg.data import cache, camvid, files, folder, pets, voc
+from typing import Callable, NamedTuple
+
+from seg.data import augment, cache, camvid, files, folder, pets, voc
 from seg.data.dataset import DatasetInfo, SegDataset
 from seg.data.files import DataError
 from seg.data.synthetic import CLASS_NAMES, IGNORE_INDEX, generate
@@ -31,6 +34,30 @@ def build(data_cfg, split: str) -> SegDataset:
     return cache.cached(ds, data_cfg, data_cfg[f"{split}_split"])
 
 
+class Split(NamedTuple):
+    dataset: SegDataset
+    transform: Callable | None   # seg.data.augment's train or eval transform; None: none
+
+
+def build_splits(data_cfg) -> dict[str, Split]:
+    """{"train", "val"[, "test"]: Split}; the test split is left out when data.test_split is "".
+    The dataset must have data.num_classes classes."""
+    for field in ("train_split", "val_split"):
+        if not data_cfg[field]:
+            raise ValueError(f"data.{field} is empty: training needs it")
+    splits = {}
+    for role in SPLITS:
+        if data_cfg[f"{role}_split"]:
+            dataset = build(data_cfg, role)
+            make = augment.train_transform if role == "train" else augment.eval_transform
+            splits[role] = Split(dataset, make(data_cfg, dataset.info))
+    info = splits["train"].dataset.info
+    if info.num_classes != data_cfg.num_classes:
+        raise DataError(f"data.num_classes={data_cfg.num_classes} but the {data_cfg.name} "
+                        f"dataset has {info.num_classes} classes ({', '.join(info.class_names)})")
+    return splits
+
+
 def _synthetic(data_cfg, split: str):
     """Reads data.{num_classes, image_size, seed, num_train, num_val, num_test, ignore_index}."""
     if data_cfg.ignore_index != IGNORE_INDEX:
@@ -42,9 +69,25 @@ def _synthetic(data_cfg, split: str):
     if not 2 <= data_cfg.num_classes <= len(CLASS_NAMES):
         raise ValueError(f"data.num_classes={data_cfg.num_classes} but data.name='synthetic' has "
                          f"{len(CLASS_NAMES)} classes (2 to {len(CLASS_NAMES)} can be used)")
+    _check_crop(data_cfg)
     sizes = {"train": data_cfg.num_train, "val": data_cfg.num_val, "test": data_cfg.num_test}
     return generate(split, sizes[split], image_size=data_cfg.image_size,
                     num_classes=data_cfg.num_classes, seed=data_cfg.seed)
 
 
-__all__ = ["DATASETS", "DataError", "DatasetInfo", "SegDataset", "build"]
+def _check_crop(data_cfg) -> None:
+    """Real images vary in size and get padded up to the crop; generated ones all have
+    data.image_size, so a crop larger than they can be is a mistake."""
+    crop = tuple(data_cfg.get("crop_size", ()))
+    if len(crop) != 2:  # () is no crop; other lengths are seg.data.augment's to report
+        return
+    size = data_cfg.image_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    scale = max(data_cfg.get("scale_range", (1.0, 1.0)))
+    if crop[0] > h * scale or crop[1] > w * scale:
+        raise ValueError(f"data.crop_size={crop} is larger than the images: data.image_size="
+                         f"{size} rescaled by at most {scale} (data.scale_range)")
+
+
+__all__ = ["DATASETS", "DataError", "DatasetInfo", "SegDataset", "Split", "build",
+           "build_splits"]

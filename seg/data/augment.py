@@ -6,17 +6,17 @@ with nearest neighbour (labels are never blended), and leaves the mask out of co
 Output stays uint8: normalisation happens on the device after the copy (4x less to move).
 
 Train, in order (each step only when its field asks for it):
-  data.resize       shorter side resized to this (seed 004's preprocessing)
-  data.scale_range  random rescale by a factor uniform in the range (seed 001: 0.5-2.0)
+  data.resize       shorter side resized to this (the Pet recipe's preprocessing)
+  data.scale_range  random rescale by a factor uniform in the range (0.5-2.0 in the VOC recipes)
   data.crop_size    random (H, W) crop; smaller images are padded first (mask: ignore_index)
   data.hflip        horizontal flip, p = 0.5
-  data.color_jitter brightness / contrast / saturation of this strength, p = 0.5 (seed 004)
-  data.perspective  random perspective of this distortion scale, p = 0.5 (seed 004)
-Eval: data.resize, then a centre crop of data.crop_size (seed 004's preprocessing); without
+  data.color_jitter brightness / contrast / saturation of this strength, p = 0.5
+  data.perspective  random perspective of this distortion scale, p = 0.5
+Eval: data.resize, then a centre crop of data.crop_size (the Pet recipe's preprocessing); without
 data.resize, whole images (the loader pads them to a common size).
 
 Padding and perspective fill the image with the dataset's mean colour, so that it is ~0 after
-normalisation, as seed 001 pads its normalised image with 0, and as the eval padding does.
+normalisation, as padding a normalised image with 0 would, and as the eval padding does.
 The random draws come from torch's global generator: the loader seeds it per sample.
 """
 from __future__ import annotations

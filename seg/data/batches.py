@@ -8,6 +8,10 @@ part, and a run resumed at step k sees exactly the batches of the uninterrupted 
 parallel, rank r of W takes the r-th contiguous slice of the global batch, so the ranks
 together see the batch one process sees.
 
+Eval: every sample of the rank's contiguous share once, in order, each padded on its own (never
+to the size of another image: what a network sees of an image must not depend on its
+batch-mates), and batched with the samples of the same padded size.
+
 Workers send uint8 batches; the copy to the device is issued `prefetch` batches ahead (from
 pinned memory on a side stream on CUDA), and normalisation runs on the device.
 """
@@ -54,11 +58,15 @@ def eval_batches(dataset: SegDataset, transform: Transform | None, batch_size: i
                  device="cpu", workers: int = 0, pad_multiple: int = 1, rank: int = 0,
                  world_size: int = 1, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, prefetch: int = 2) -> Iterator[Batch]:
-    """Every sample of this rank's contiguous share once, in order; the last batch may be
-    smaller. Samples are padded at the bottom and right to the batch's largest size rounded
-    up to a multiple of pad_multiple: the mask with ignore_index, so padded pixels never
-    count (a sample's prediction is the top-left crop of its padded one), the image with the
-    mean colour (~0 once normalised). mean/std default to dataset.info's."""
+    """Every sample of this rank's contiguous share once, in order, at most batch_size at a time.
+
+    Each sample is padded at the bottom and right to its own size rounded up to a multiple of
+    pad_multiple: the mask with ignore_index, so padded pixels never count (a sample's
+    prediction is the top-left crop of its padded one), the image with the mean colour (~0 once
+    normalised). Of every batch_size samples read, those of the same padded size go through
+    together: with images of one size (most datasets, and any crop) the batches are full; with
+    mixed sizes (VOC, ADE20K) a batch holds the neighbours that share a size, and the numbers do
+    not depend on batch_size. mean/std default to dataset.info's."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if pad_multiple < 1:
@@ -144,28 +152,37 @@ class _Transformed(Dataset):
         return augment.apply(self.transform, image, mask)
 
 
-def _stack(samples: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+def _stack(samples: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
     sizes = {tuple(mask.shape) for _, mask in samples}
     if len(sizes) > 1:
         raise ValueError(f"train samples differ in size {sorted(sizes)[:2]}...: set "
                          f"data.crop_size (or data.resize with a crop) to batch them")
     images, masks = zip(*samples)
-    return torch.stack(images), torch.stack(masks)
+    return [(torch.stack(images), torch.stack(masks))]
 
 
 class _Padder:
-    """Collates samples of any size, padded at the bottom/right to a multiple of `multiple`."""
+    """Collates samples of any size into batches of one size each: every sample padded at the
+    bottom/right to its own size rounded up to a multiple of `multiple`, then grouped by that
+    size (groups in the order of their first sample)."""
 
     def __init__(self, multiple: int, fill: tuple[int, int, int], ignore_index: int):
         self.multiple, self.fill, self.ignore_index = multiple, fill, ignore_index
 
-    def __call__(self, samples: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    def __call__(self, samples: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        groups: dict[tuple[int, int], list] = {}
+        for sample in samples:
+            groups.setdefault(self._padded_size(sample[1]), []).append(sample)
+        return [self._pad(size, group) for size, group in groups.items()]
+
+    def _padded_size(self, mask: Tensor) -> tuple[int, int]:
         m = self.multiple
-        h = -(-max(mask.shape[0] for _, mask in samples) // m) * m
-        w = -(-max(mask.shape[1] for _, mask in samples) // m) * m
+        return -(-mask.shape[0] // m) * m, -(-mask.shape[1] // m) * m
+
+    def _pad(self, size: tuple[int, int], samples: list) -> tuple[Tensor, Tensor]:
         images = torch.tensor(self.fill, dtype=torch.uint8).view(1, 3, 1, 1).repeat(
-            len(samples), 1, h, w)
-        masks = torch.full((len(samples), h, w), self.ignore_index, dtype=torch.uint8)
+            len(samples), 1, *size)
+        masks = torch.full((len(samples), *size), self.ignore_index, dtype=torch.uint8)
         for k, (image, mask) in enumerate(samples):
             images[k, :, :mask.shape[0], :mask.shape[1]] = image
             masks[k, :mask.shape[0], :mask.shape[1]] = mask
@@ -204,7 +221,7 @@ def _on_device(host: Iterator, device, prefetch: int, mean: Sequence[float],
     std = torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     queue = deque()
-    for batch in host:
+    for batch in itertools.chain.from_iterable(host):  # each host item: a list of batches
         queue.append(_copy(batch, device, stream))
         if len(queue) > prefetch:
             yield _ready(queue.popleft(), mean, std, device)

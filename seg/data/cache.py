@@ -1,10 +1,10 @@
-"""Preprocessed caches of a split (seed 004's storage question): memmap or hdf5.
+"""Preprocessed caches of a split, memmap or hdf5: a read is a slice instead of a decode.
 
 A cache holds every sample of a split after a deterministic preprocessing, as one uint8 array of
 images (N, 3, H, W) and one of masks (N, H, W), so a read is a slice instead of a decode:
   data.resize == 0  samples at their native size; every sample of the split must share it
   data.resize > 0   shorter side resized to data.resize (bilinear + antialias for images,
-                    nearest for masks), then the centre (resize, resize) crop, as seed 004.
+                    nearest for masks), then the centre (resize, resize) crop.
                     Training then crops within that square and evaluation sees the centre crop,
                     unlike data.storage=raw, which keeps the whole (resized) image.
 Layout under data.cache_dir, named by dataset, split and a digest of the key (dataset, root,

@@ -17,15 +17,12 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from seg.data.dataset import DatasetInfo, SegDataset
+from seg.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _IMAGE_MODES = ("1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr")   # 8-bit ones
-
-
-class DataError(ValueError):
-    """Data on disk that cannot be read as configured; the message names the file or field."""
 
 
 def read_image(path: str) -> Tensor:

@@ -1,4 +1,4 @@
-"""Oxford-IIIT Pet as seed 004's three-class task: 0 background, 1 cat, 2 dog, 255 border.
+"""Oxford-IIIT Pet (Parkhi et al. 2012) as a three-class task: 0 background, 1 cat, 2 dog, 255 border.
 
 data.root holds images/<name>.jpg, annotations/trimaps/<name>.png and the official lists
 annotations/{trainval,test}.txt (columns: name class_id species breed_id; species 1 = cat,
@@ -30,7 +30,7 @@ def open_pets(data_cfg, split_field: str) -> PairedFiles:
     split = files.split_value(data_cfg, split_field)
     if split not in SPLITS:
         raise DataError(f"data.{split_field}={split!r} is not an Oxford-IIIT Pet split {SPLITS}")
-    files.check_num_classes(data_cfg, len(PET_CLASSES), "Oxford-IIIT Pet (seed 004's task)")
+    files.check_num_classes(data_cfg, len(PET_CLASSES), "Oxford-IIIT Pet")
     # ImageNet statistics for "dataset" too: the seed normalises with them
     info = files.make_info("pets", PET_CLASSES, data_cfg.ignore_index, data_cfg.normalize,
                            (files.IMAGENET_MEAN, files.IMAGENET_STD), PET_PALETTE)

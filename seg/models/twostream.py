@@ -1,4 +1,4 @@
-"""Seed 004's two-stream PSPNet-like network, with the notebook's bugs fixed.
+"""A two-stream PSPNet-like network from a three-class Oxford-IIIT Pet notebook, its bugs fixed.
 
 The encoder (a torchvision ResNeXt-50 by default, not dilated) gives two streams: "main", layer2
 at stride 8, and "supp", layer4 at stride 32. The decoder runs pyramid pooling on main and a

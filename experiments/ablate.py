@@ -1,0 +1,39 @@
+"""Runs an ablation study (configs/ablations.py): every variant with every seed, one ordinary
+run directory each, then the mean and standard deviation over the seeds per variant.
+
+  python experiments/ablate.py --study=pspnet --root=runs/ablate_pspnet --steps=300
+  python experiments/ablate.py --study=loss --model=unet --root=runs/ablate_loss --seeds=0,1,2
+  python experiments/ablate.py --study=fcn_skips --root=runs/ablate_fcn \
+      --override=model.fc_channels=1024
+  python experiments/ablate.py --study=unet --preset=membrane --root=runs/ablate_unet
+
+Writes <root>/<variant>/seed<k>/ and <root>/summary.json, and prints the summary as a markdown
+table. Runs already finished with the same config are read back, unfinished ones resume.
+"""
+from absl import app, flags
+
+from configs import ablations
+from seg import cli, sweep
+
+_STUDY = flags.DEFINE_enum("study", None, list(ablations.STUDIES), "The study to run.")
+_MODEL = flags.DEFINE_string("model", None, "--study=loss: the config whose loss is swept, "
+                             "configs/<model>.py (default pspnet).")
+_PRESET = flags.DEFINE_string("preset", None, "Dataset preset of every config (camvid, "
+                              "membrane, ...); default: the embedded data.")
+_STEPS = flags.DEFINE_integer("steps", None, "Train steps of every run (default: the config's).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (config.seed) each variant runs with.")
+_ROOT = flags.DEFINE_string("root", None, "Sweep directory (<root>/<variant>/seed<k>).")
+_OVERRIDE = flags.DEFINE_multi_string("override", [], "key=value set in every run's config, "
+                                      "e.g. --override=train.batch_size=4 (repeatable).")
+flags.mark_flags_as_required(["study", "root"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    print(sweep.sweep_and_report(ablations.variants(_STUDY.value, _PRESET.value, _MODEL.value),
+                                 _ROOT.value, _SEEDS.value, _STEPS.value, _OVERRIDE.value))
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,1 @@
+"""seg: semantic segmentation as pure functions over explicit state (docs/design.md)."""

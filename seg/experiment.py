@@ -1,0 +1,130 @@
+"""A config made into the things a run needs: data, model, weights, loss, and the steps.
+
+Training (seg/loop.py), evaluation of a finished run (seg/evaluation.py) and inference all
+build through here, so they see the same data, the same model and the same forward: the run's
+precision, memory format and eval settings (`infer_options`).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from seg import data, functional, inference, losses, models, optim
+from seg import train as steps
+from seg.data import DatasetInfo, Split
+from seg.errors import ConfigError, config_errors
+from seg.functional import Buffers, Params
+from seg.models import weights
+
+
+class Experiment(NamedTuple):
+    splits: dict[str, Split]     # "train", "val" and, when the dataset has one, "test"
+    model: nn.Module             # the definition (on the meta device)
+    params: Params               # initial parameters (seeded; pretrained backbone loaded)
+    buffers: Buffers
+    loss_fn: losses.Loss
+    num_outputs: int             # 1 for binary losses (one logit), else data.num_classes
+
+    @property
+    def info(self) -> DatasetInfo:
+        """Class names, palette, ignore index and the normalisation of every split."""
+        return self.splits["train"].dataset.info
+
+
+def num_outputs(cfg) -> int:
+    return 1 if cfg.loss.name in losses.BINARY_LOSSES else cfg.data.num_classes
+
+
+def build(cfg, device: torch.device, *, with_data: bool = True) -> Experiment:
+    """Every piece of the run from `cfg`. A bad value raises ConfigError (DataError for data
+    on disk) naming the field; nothing is written. with_data=False leaves the splits empty."""
+    with config_errors():
+        splits = data.build_splits(cfg.data) if with_data else {}
+        model, params, buffers = functional.init(
+            lambda: models.build(cfg.model, num_outputs(cfg)), seed=cfg.seed, device=device)
+        if cfg.model.backbone_weights:
+            params, buffers = _load_backbone(cfg, params, buffers)
+        _check_modules(cfg, model)
+        loss_fn = losses.build(cfg.loss, cfg.data.num_classes)
+    return Experiment(splits, model, params, buffers, loss_fn, num_outputs(cfg))
+
+
+def check(cfg) -> None:
+    """The checks that need neither data nor weights, for every variant of a sweep before the
+    first trains: the builders of the model (on the meta device), loss, optimizer, steps and
+    eval settings run and raise what they would raise in the run."""
+    with config_errors():
+        with torch.device("meta"):
+            model = models.build(cfg.model, num_outputs(cfg))
+        _check_modules(cfg, model)
+        loss_fn = losses.build(cfg.loss, cfg.data.num_classes)
+        train_step(cfg, model, loss_fn)
+        eval_step(cfg, model, loss_fn)
+
+
+def _load_backbone(cfg, params: Params, buffers: Buffers) -> tuple[Params, Buffers]:
+    """model.backbone_weights -> params/buffers with the encoder ("backbone.") replaced."""
+    arch = cfg.model.get("backbone")
+    if arch is None:
+        raise ConfigError(f"model.backbone_weights={cfg.model.backbone_weights!r} but "
+                          f"model.name={cfg.model.name!r} has no pretrained backbone")
+    return weights.apply_backbone(params, buffers,
+                                  weights.load_backbone(cfg.model.backbone_weights, arch))
+
+
+def _check_modules(cfg, model: nn.Module) -> None:
+    """train.freeze and train.checkpoint_activations name parts the model must have."""
+    for prefix in cfg.train.freeze:
+        try:
+            model.get_submodule(prefix)
+        except AttributeError:
+            raise ConfigError(f"train.freeze names {prefix!r}, which is not a module of "
+                              f"model.name={cfg.model.name!r}") from None
+    if cfg.train.checkpoint_activations and not any(
+            isinstance(m, models.CHECKPOINT_BLOCKS) for m in model.modules()):
+        raise ConfigError(f"train.checkpoint_activations=True but model.name="
+                          f"{cfg.model.name!r} has no ResNet or UNet block to recompute")
+
+
+def infer_options(cfg) -> dict:
+    """How every eval-mode forward of the run is made (seg.train.make_infer's options)."""
+    return {"logits_fn": inference.from_config(cfg.eval), "precision": cfg.train.precision,
+            "channels_last": cfg.train.channels_last}
+
+
+def infer(cfg, model: nn.Module):
+    """The run's eval-mode forward: infer(params, buffers, images) -> float32 logits."""
+    with config_errors():
+        return steps.make_infer(model, **infer_options(cfg))
+
+
+def eval_step(cfg, model: nn.Module, loss_fn) -> steps.EvalStep:
+    with config_errors():
+        return steps.make_eval_step(model, loss_fn, cfg.data.num_classes,
+                                    ignore_index=cfg.data.ignore_index,
+                                    compile=cfg.train.compile, **infer_options(cfg))
+
+
+def train_step(cfg, model: nn.Module, loss_fn, grad_reduce=None):
+    """The train step of the config's optimizer, schedule, freezing and fast-path settings."""
+    t = cfg.train
+    with config_errors():
+        optimizer, schedule = optim.build(cfg.optimizer, cfg.schedule, t.steps)
+        if t.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"train.nonfinite={t.nonfinite!r} is not one of stop, skip")
+        trainable = trainable_params(cfg, model)
+        step = steps.make_train_step(
+            model, loss_fn, optimizer, schedule, trainable=trainable, frozen_modules=t.freeze,
+            aux_weight=cfg.loss.aux_weight, grad_impl=t.grad_impl, compile=t.compile,
+            donate=True,  # the loop never reads an old state again
+            grad_reduce=grad_reduce, skip_nonfinite=t.nonfinite == "skip",
+            precision=t.precision, channels_last=t.channels_last,
+            checkpoint_activations=t.checkpoint_activations)
+    return step, optimizer, trainable
+
+
+def trainable_params(cfg, model: nn.Module) -> list[str]:
+    names = [k for k, _ in model.named_parameters()]
+    return functional.split_trainable(names, cfg.train.freeze)[0]

@@ -1,0 +1,142 @@
+"""Sweeps: every variant of a study with every seed, one run directory each, mean and std.
+
+  <root>/<variant>/seed<k>/   an ordinary run directory per variant and seed
+  <root>/summary.json         per variant: the runs, and mean / std / n over the seeds of
+                              val mIoU, val pixel acc, test mIoU and train time
+A run already finished with the same config is read, not trained again; an unfinished one
+resumes from its checkpoint. The studies (variants of a base config) are in
+configs/ablations.py; experiments/ablate.py runs one from the command line.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+import statistics
+from pathlib import Path
+
+from seg import config as config_lib
+from seg import experiment, loop, rundir
+from seg.errors import ConfigError
+
+# (summary key, eval split, metric) of the numbers compared across variants
+METRICS = (("val_miou", "val", "miou"), ("val_pixel_acc", "val", "pixel_acc"),
+           ("test_miou", "test", "miou"))
+COLUMNS = (("val_miou", "val mIoU"), ("val_pixel_acc", "val pixel acc"),
+           ("test_miou", "test mIoU"), ("train_time_s", "train time (s)"))
+
+
+def swept_fields(configs: dict) -> set[str]:
+    """Dotted keys whose values differ between the variants' configs."""
+    flat = [config_lib.flatten(c.to_dict()) for c in configs.values()]
+    keys = set().union(*flat)
+    return {k for k in keys if len({repr(f.get(k)) for f in flat}) > 1}
+
+
+def plan(configs: dict, seeds, steps=None, overrides=()) -> list[tuple[str, int, object]]:
+    """(variant, seed, config) of every run: overrides, then steps and seed, applied to a copy."""
+    for name in configs:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ConfigError(f"variant name {name!r} must be usable as a directory name")
+    parsed = [config_lib.parse_override(o) for o in overrides]
+    clash = sorted({k for k, _ in parsed} & swept_fields(configs))
+    if clash:
+        raise ConfigError(f"--override sets {', '.join(clash)}, which the sweep varies")
+    runs = []
+    for name, base in configs.items():
+        for seed in seeds:
+            cfg = copy.deepcopy(base)  # keeps FieldReferences linked, unlike copy_and_resolve
+            for key, value in parsed:
+                try:
+                    config_lib.set_field(cfg, key, value)
+                except ConfigError as e:
+                    raise ConfigError(f"--override {e}") from None
+            if steps is not None:
+                cfg.train.steps = steps
+            cfg.seed = seed
+            runs.append((name, seed, cfg))
+    return runs
+
+
+def run_one(cfg, workdir: Path) -> dict:
+    """Trains (or resumes) one run, or reads it back when it has already finished; its summary."""
+    run = rundir.RunDir(workdir)
+    run.check_usable(cfg)  # never reuse a directory of another config
+    if run.finished(cfg) is None:
+        loop.train_and_evaluate(cfg, workdir)
+    return run.summary()
+
+
+def run_record(summary: dict, seed: int, workdir: Path) -> dict:
+    """The compared numbers of one run (None where the run has no such eval)."""
+    last = summary.get("last_eval") or {}
+    record = {"seed": seed, "workdir": str(workdir), "steps": summary["steps"]}
+    for key, split, metric in METRICS:
+        record[key] = (last.get(split) or {}).get(metric)
+    record["train_time_s"] = summary.get("train_time_s")
+    return record
+
+
+def aggregate(values) -> dict:
+    """mean, sample standard deviation (n - 1; None for one value) and n of the non-missing
+    values (NaN metrics are stored as null)."""
+    present = [v for v in values if v is not None and math.isfinite(v)]
+    return {"mean": statistics.fmean(present) if present else None,
+            "std": statistics.stdev(present) if len(present) > 1 else None,
+            "n": len(present)}
+
+
+def run_sweep(configs: dict, root: Path, seeds, steps=None, overrides=()) -> dict:
+    """Runs every variant with every seed (all configs validated first) and writes
+    <root>/summary.json."""
+    runs = plan(configs, [int(s) for s in seeds], steps, overrides)
+    for name, seed, cfg in runs:
+        try:
+            experiment.check(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"variant {name}: {e}") from None
+    records: dict[str, list] = {name: [] for name in configs}
+    for name, seed, cfg in runs:
+        workdir = root / name / f"seed{seed}"
+        print(f"== {name} seed {seed} -> {workdir}", flush=True)
+        try:
+            summary = run_one(cfg, workdir)
+        except ConfigError as e:
+            raise ConfigError(f"variant {name} seed {seed}: {e}") from None
+        records[name].append(run_record(summary, seed, workdir))
+    result = {"root": str(root), "seeds": [int(s) for s in seeds], "steps": steps,
+              "overrides": list(overrides), "swept": sorted(swept_fields(configs)),
+              "variants": {name: {"runs": rs, **{key: aggregate([r[key] for r in rs])
+                                                 for key, _ in COLUMNS}}
+                           for name, rs in records.items()}}
+    root.mkdir(parents=True, exist_ok=True)
+    rundir.write_json(root / "summary.json", result)
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    """One row per variant: mean +- std over its seeds ("n/a" where there is no value)."""
+    header = ["variant", *[label for _, label in COLUMNS], "runs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, v in result["variants"].items():
+        cells = [_mean_std(v[key], 1 if key == "train_time_s" else 4) for key, _ in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(v['runs'])} |")
+    return "\n".join(lines)
+
+
+def _mean_std(stats: dict, digits: int) -> str:
+    if stats["mean"] is None:
+        return "n/a"
+    if stats["std"] is None:
+        return f"{stats['mean']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def sweep_and_report(configs: dict, root: str | Path, seeds, steps=None, overrides=()) -> str:
+    """run_sweep, then its markdown table and where the summary went (the ablation command)."""
+    try:
+        seeds = [int(s) for s in seeds]
+    except ValueError:
+        raise ConfigError(f"--seeds={','.join(map(str, seeds))} must be integers") from None
+    result = run_sweep(configs, Path(root), seeds, steps, overrides)
+    return f"{markdown_table(result)}\n-> {Path(root) / 'summary.json'}"
