@@ -95,8 +95,8 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
 
 
 def scores(cm: Tensor) -> dict:
-    """Every split-level metric (docs/design.md) of an accumulated confusion matrix, as Python floats and lists of
-    floats (NaN where undefined).
+    """Every split-level metric (docs/design.md) of an accumulated confusion matrix, as Python
+    floats and lists of floats (NaN where undefined).
 
     Reads the matrix back to the host: call it at log time, not per step.
     """
@@ -122,10 +122,11 @@ def scores(cm: Tensor) -> dict:
         "miou": float(iou.nanmean()),
         "iou_per_class": iou.tolist(),
         "fwiou": fwiou,
-        "recall_per_class": acc.tolist(),
+        # Per-class recall is acc_per_class (diag / rows), not repeated under a second name;
+        # its macro mean is mean_acc. Pooled over classes, recall, precision and dice all reduce
+        # to trace / sum (pixel_acc) for single-label predictions: each pixel is one TP or one
+        # (FN, FP) pair. Both are kept under these names for readers that compare systems.
         "recall_macro": float(acc.nanmean()),
-        # Pooled over classes, recall, precision and dice all reduce to trace / sum for
-        # single-label predictions: each pixel is one TP or one (FN, FP) pair.
         "recall_micro": float(diag.sum() / rows.sum()),
         "precision_per_class": precision.tolist(),
         "precision_macro": float(precision.nanmean()),

@@ -82,7 +82,6 @@ def test_scores_every_key_by_hand():
     assert_same(s["iou_per_class"], iou)
     assert_same(s["miou"], (3 / 6 + 2 / 5 + 0 + 0) / 4)  # class 2 not counted
     assert_same(s["fwiou"], 4 / 9 * 3 / 6 + 4 / 9 * 2 / 5 + 1 / 9 * 0)
-    assert_same(s["recall_per_class"], acc)
     assert_same(s["recall_macro"], (3 / 4 + 2 / 4 + 0) / 3)
     assert_same(s["recall_micro"], 5 / 9)
     precision = [3 / 5, 2 / 3, NAN, 0 / 1, 0.0]  # class 4: in gt, never predicted -> 0
@@ -95,7 +94,7 @@ def test_scores_every_key_by_hand():
     assert_same(s["dice_micro"], 5 / 9)
     expected_keys = {
         "pixel_acc", "mean_acc", "acc_per_class", "miou", "iou_per_class", "fwiou",
-        "recall_per_class", "recall_macro", "recall_micro", "precision_per_class",
+        "recall_macro", "recall_micro", "precision_per_class",
         "precision_macro", "precision_micro", "dice_per_class", "dice_macro", "dice_micro",
     }
     assert set(s) == expected_keys
@@ -211,7 +210,8 @@ def test_per_image_matches_per_image_confusion_matrices(kind):
     micro = fn(pred, target, 5, average="micro", reduce="none")
     for b in range(5):
         cm = metrics.confusion_matrix(pred[b], target[b], 5)
-        per_class = np.asarray(metrics.scores(cm)[f"{kind}_per_class"])
+        key = "acc_per_class" if kind == "recall" else f"{kind}_per_class"  # acc is recall
+        per_class = np.asarray(metrics.scores(cm)[key])
         in_gt = cm.sum(1).numpy() > 0
         assert macro[b].item() == pytest.approx(per_class[in_gt].mean(), abs=1e-12)
         tp, n = cm.trace().item(), cm.sum().item()  # pooled: rows and cols both sum to n
