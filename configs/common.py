@@ -106,4 +106,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval.stride = (341, 341)             # slide: step between windows, at most the window
     c.eval.flip = False                    # test-time augmentation: average with the mirror image
     c.eval.scales = (1.0,)                 # test-time augmentation: e.g. (0.75, 1.0, 1.25)
+    c.eval.per_image = True                # save each image's counts (<workdir>/per_image/)
+                                           # for paired comparisons (seg/compare.py)
     return c

@@ -8,7 +8,9 @@ run directory each, then the mean and standard deviation over the seeds per vari
   python experiments/ablate.py --study=unet --preset=membrane --root=runs/ablate_unet
 
 Writes <root>/<variant>/seed<k>/ and <root>/summary.json, and prints the summary as a markdown
-table. Runs already finished with the same config are read back, unfinished ones resume.
+table: mean and standard deviation over the seeds, and each variant's val mIoU difference from
+--baseline with its 95% paired-bootstrap interval over images and seeds (seg/compare.py). Runs
+already finished with the same config are read back, unfinished ones resume.
 """
 from absl import app, flags
 
@@ -23,6 +25,8 @@ _PRESET = flags.DEFINE_string("preset", None, "Dataset preset of every config (c
 _STEPS = flags.DEFINE_integer("steps", None, "Train steps of every run (default: the config's).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (config.seed) each variant runs with.")
 _ROOT = flags.DEFINE_string("root", None, "Sweep directory (<root>/<variant>/seed<k>).")
+_BASELINE = flags.DEFINE_string("baseline", None, "The variant the others are compared with "
+                                "(default: the study's first).")
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "key=value set in every run's config, "
                                       "e.g. --override=train.batch_size=4 (repeatable).")
 flags.mark_flags_as_required(["study", "root"])
@@ -32,7 +36,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     print(sweep.sweep_and_report(ablations.variants(_STUDY.value, _PRESET.value, _MODEL.value),
-                                 _ROOT.value, _SEEDS.value, _STEPS.value, _OVERRIDE.value))
+                                 _ROOT.value, _SEEDS.value, _STEPS.value, _OVERRIDE.value,
+                                 _BASELINE.value))
 
 
 if __name__ == "__main__":

@@ -32,15 +32,27 @@ def eval_batch_per_rank(eval_batch_size: int, world_size: int) -> int:
 
 def evaluate_split(eval_step: steps.EvalStep, params, buffers, split: Split, cfg,
                    device: torch.device, world: World = World()) -> dict:
-    """The metrics, loss and confusion matrix of a whole split (seg.train.EvalStep.scores)."""
+    """The metrics, loss and confusion matrix of a whole split (seg.train.EvalStep.scores),
+    and "per_image" counts when the eval step makes them (cfg.eval.per_image)."""
     d = cfg.data
     shard = batches.eval_batches(
         split.dataset, split.transform, eval_batch_per_rank(cfg.train.eval_batch_size, world.size),
         device=device, workers=d.workers, pad_multiple=d.pad_multiple, rank=world.rank,
-        world_size=world.size, prefetch=d.prefetch)
-    reduce = (functools.partial(distributed.sum_across, group=world.group) if world.size > 1
-              else None)
-    return steps.evaluate(eval_step, params, buffers, shard, reduce=reduce)
+        world_size=world.size, prefetch=d.prefetch, indices=True)
+    several = world.size > 1
+    reduce = functools.partial(distributed.sum_across, group=world.group) if several else None
+    gather = functools.partial(distributed.gather_objects, group=world.group) if several else None
+    return steps.evaluate(eval_step, params, buffers, shard, reduce=reduce, gather=gather)
+
+
+def save_per_image(run: rundir.RunDir, name: str, result: dict, split: Split, step: int,
+                   split_name: str) -> None:
+    """Moves result["per_image"] (if any) into <workdir>/per_image/<name>.npz."""
+    per_image = result.pop("per_image", None)
+    if per_image is not None:
+        sources = [split.dataset.source(int(i)) for i in per_image["index"]]
+        run.write_per_image(name, per_image, step=step, split=split_name, sources=sources,
+                            class_names=split.dataset.info.class_names)
 
 
 def set_eval(cfg, mode=None, window=None, stride=None, flip=None, scales=None) -> None:
@@ -102,6 +114,8 @@ def evaluate_run(workdir: str | os.PathLike, split: str = "val",
     eval_step = experiment.eval_step(cfg, exp.model, exp.loss_fn)
     result = evaluate_split(eval_step, state["params"], state["buffers"], exp.splits[split], cfg,
                             device)
+    save_per_image(run, run.eval_file(split, tag).stem, result, exp.splits[split],
+                   int(state["step"]), split)
     record = {"step": int(state["step"]), "split": split,
               "checkpoint": str(checkpoint or run.checkpoints), "eval": cfg.eval.to_dict(),
               "class_names": list(exp.info.class_names), **result}

@@ -104,7 +104,8 @@ def eval_step(cfg, model: nn.Module, loss_fn) -> steps.EvalStep:
     with config_errors():
         return steps.make_eval_step(model, loss_fn, cfg.data.num_classes,
                                     ignore_index=cfg.data.ignore_index,
-                                    compile=cfg.train.compile, **infer_options(cfg))
+                                    compile=cfg.train.compile, per_image=cfg.eval.per_image,
+                                    **infer_options(cfg))
 
 
 def train_step(cfg, model: nn.Module, loss_fn, grad_reduce=None):

@@ -213,9 +213,13 @@ class _Loop:
         window.reset()
 
     def _evaluate(self, step: int, split: str) -> None:
+        data = self.exp.splits[split]
         result = evaluation.evaluate_split(self.eval_step, self.state.params,
-                                           self.state.buffers, self.exp.splits[split],
-                                           self.cfg, self.device, self.world)
+                                           self.state.buffers, data, self.cfg, self.device,
+                                           self.world)
+        if self.world.writes:  # the latest eval of each split, for paired comparisons
+            evaluation.save_per_image(self.rundir, split, result, data, step, split)
+        result.pop("per_image", None)
         record = {"step": step, "split": split, **result}
         self.evals.add(record)
         self.writer.record(record)

@@ -137,6 +137,27 @@ def scores(cm: Tensor) -> dict:
     }
 
 
+def per_image_counts(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255
+                     ) -> Tensor:
+    """(B, K, 3) int64 per image and class: [true positives, ground-truth pixels, predicted
+    pixels] (ignore excluded): the diagonal, row sums and column sums of each image's confusion
+    matrix. Summed over any subset of images they give that subset's split-level IoU, accuracy,
+    precision and Dice (`count_scores`), which is what paired comparisons resample."""
+    cm = _per_image_cm(pred, target, num_classes, ignore_index)
+    return torch.stack([cm.diagonal(dim1=1, dim2=2), cm.sum(2), cm.sum(1)], dim=-1)
+
+
+def count_scores(counts: Tensor) -> dict[str, Tensor]:
+    """miou, pixel_acc and mean_acc from summed counts (..., K, 3) of `per_image_counts`, batched
+    over the leading dimensions; the same definitions as `scores` (a class absent from ground
+    truth and prediction is NaN and left out of the means)."""
+    counts = counts.to(torch.float64)
+    tp, gt, pred = counts.unbind(-1)
+    return {"miou": (tp / (gt + pred - tp)).nanmean(-1),
+            "pixel_acc": tp.sum(-1) / gt.sum(-1),
+            "mean_acc": (tp / gt).nanmean(-1)}
+
+
 def _per_image_cm(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
     """(B, K, K) confusion matrices, one per image, from a single histogram."""
     _check_labels(pred, target, num_classes)

@@ -17,7 +17,7 @@ import math
 import os
 from pathlib import Path
 
-from seg import rundir
+from seg import compare, rundir
 from seg.errors import ConfigError
 
 
@@ -174,3 +174,22 @@ def write_report(patterns, out: str | Path, plots: bool = True) -> tuple[str, li
     text = "\n".join(lines) + "\n"
     rundir.replace_atomically(out, lambda f: f.write(text))
     return text, [*done, f"-> {out} ({len(runs)} runs)"]
+
+
+def comparison(patterns_a, patterns_b, split: str = "val", resamples: int = 10_000) -> str:
+    """B's runs (seeds) against A's on `split`: for mIoU and pixel accuracy, the difference, its
+    95% paired-bootstrap interval over images (and seeds) and the sign-flip fraction."""
+    a, b = find_runs(patterns_a), find_runs(patterns_b)
+    name_a, name_b = _side_name(a), _side_name(b)
+    lines = [f"{name_b} ({len(b)} runs) against {name_a} ({len(a)} runs), {split} split:"]
+    for result in compare.compare_runs(a, b, split, resamples=resamples):
+        lines.append("  " + result.line(name_a, name_b))
+    lines.append("  * the interval excludes zero; method: seg/compare.py (paired bootstrap)")
+    return "\n".join(lines)
+
+
+def _side_name(runs: list[Path]) -> str:
+    """The runs' folder when they are the seeds of one variant (.../<variant>/seed<k>)."""
+    parents = {r.resolve().parent for r in runs}
+    return (parents.pop().name if len(parents) == 1 and len(runs) > 1 else
+            ",".join(r.name for r in runs))

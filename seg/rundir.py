@@ -5,6 +5,8 @@
   <workdir>/summary.json         model, steps, times, throughput, last and best evals, environment
   <workdir>/checkpoints/         ckpt_<step:08d>.pt: the train state and the loop's helpers
   <workdir>/eval_<split>[_<tag>].json   evaluations of a finished run (experiments/evaluate.py)
+  <workdir>/per_image/<name>.npz per-image counts of an evaluation (the loop's latest eval of
+                                 each split: <split>.npz; evaluate.py's: eval_<split>[_<tag>].npz)
   <workdir>/predictions/         step_<step:08d>.png pictures of val predictions
   <workdir>/tensorboard/         the optional TensorBoard mirror of metrics.jsonl
 
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import ml_collections
+import numpy as np
 import torch
 
 from seg import config as config_lib
@@ -235,9 +238,44 @@ class RunDir:
         write_json(path, record)
         return path
 
+    def per_image_file(self, name: str) -> Path:
+        return self.path / "per_image" / f"{name}.npz"
+
+    def write_per_image(self, name: str, per_image: dict, *, step: int, split: str,
+                        sources: list[str], class_names) -> Path:
+        """Each evaluated image's (K, 3) counts [tp, ground truth, predicted] per class
+        (seg.metrics.per_image_counts) with its dataset index and source file(s): any
+        split-level IoU or accuracy can be recomputed for any subset of the images."""
+        path = self.per_image_file(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"index": per_image["index"].numpy(), "counts": per_image["counts"].numpy(),
+                  "source": np.array(sources, dtype=str), "step": np.array(step),
+                  "split": np.array(split), "class_names": np.array(list(class_names), dtype=str)}
+        replace_atomically(path, lambda f: np.savez_compressed(f, **arrays), binary=True)
+        return path
+
     def picture_file(self, step: int) -> Path:
         self.predictions.mkdir(parents=True, exist_ok=True)
         return self.predictions / f"step_{step:08d}.png"
+
+
+class PerImage(NamedTuple):
+    """An evaluation's per-image results (RunDir.write_per_image)."""
+    index: np.ndarray        # (N,) dataset indices
+    counts: np.ndarray       # (N, K, 3) [true positives, ground truth, predicted] per class
+    source: np.ndarray       # (N,) the files behind each image ("" when generated)
+    step: int
+    split: str
+    class_names: tuple[str, ...]
+
+
+def load_per_image(path: str | os.PathLike) -> PerImage:
+    try:
+        with np.load(path) as f:
+            return PerImage(f["index"], f["counts"], f["source"], int(f["step"]),
+                            str(f["split"]), tuple(str(n) for n in f["class_names"]))
+    except (OSError, KeyError, ValueError) as e:
+        raise ConfigError(f"{path}: not a per-image results file ({_first_line(e)})") from None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

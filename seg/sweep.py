@@ -2,7 +2,10 @@
 
   <root>/<variant>/seed<k>/   an ordinary run directory per variant and seed
   <root>/summary.json         per variant: the runs, and mean / std / n over the seeds of
-                              val mIoU, val pixel acc, test mIoU and train time
+                              val mIoU, val pixel acc, test mIoU and train time; and against
+                              the baseline variant, the difference in mIoU and pixel accuracy
+                              (val and test) with its 95% paired-bootstrap interval over images
+                              and seeds and the sign-flip fraction (seg/compare.py)
 A run already finished with the same config is read, not trained again; an unfinished one
 resumes from its checkpoint. The studies (variants of a base config) are in
 configs/ablations.py; experiments/ablate.py runs one from the command line.
@@ -15,6 +18,7 @@ import re
 import statistics
 from pathlib import Path
 
+from seg import compare
 from seg import config as config_lib
 from seg import experiment, loop, rundir
 from seg.errors import ConfigError
@@ -86,9 +90,14 @@ def aggregate(values) -> dict:
             "n": len(present)}
 
 
-def run_sweep(configs: dict, root: Path, seeds, steps=None, overrides=()) -> dict:
+def run_sweep(configs: dict, root: Path, seeds, steps=None, overrides=(),
+              baseline: str | None = None, resamples: int = 10_000) -> dict:
     """Runs every variant with every seed (all configs validated first) and writes
-    <root>/summary.json."""
+    <root>/summary.json. baseline: the variant the others are compared with (default: the
+    first)."""
+    baseline = baseline or next(iter(configs))
+    if baseline not in configs:
+        raise ConfigError(f"--baseline={baseline!r} is not a variant ({', '.join(configs)})")
     runs = plan(configs, [int(s) for s in seeds], steps, overrides)
     for name, seed, cfg in runs:
         try:
@@ -106,22 +115,52 @@ def run_sweep(configs: dict, root: Path, seeds, steps=None, overrides=()) -> dic
         records[name].append(run_record(summary, seed, workdir))
     result = {"root": str(root), "seeds": [int(s) for s in seeds], "steps": steps,
               "overrides": list(overrides), "swept": sorted(swept_fields(configs)),
+              "baseline": baseline,
               "variants": {name: {"runs": rs, **{key: aggregate([r[key] for r in rs])
-                                                 for key, _ in COLUMNS}}
+                                                 for key, _ in COLUMNS},
+                                  "vs_baseline": {} if name == baseline else
+                                  vs_baseline(rs, records[baseline], resamples)}
                            for name, rs in records.items()}}
     root.mkdir(parents=True, exist_ok=True)
     rundir.write_json(root / "summary.json", result)
     return result
 
 
+def vs_baseline(runs: list[dict], base: list[dict], resamples: int) -> dict:
+    """{split: {metric: Comparison as a dict}} of these runs (seeds) against the baseline's,
+    for each split whose per-image results both sides have."""
+    out = {}
+    for split in ("val", "test"):
+        try:
+            a = compare.load([r["workdir"] for r in base], split)
+            b = compare.load([r["workdir"] for r in runs], split)
+        except ConfigError:  # no such split (or per-image results switched off)
+            continue
+        out[split] = {m: compare.paired_bootstrap(a, b, m, resamples=resamples)._asdict()
+                      for m in ("miou", "pixel_acc")}
+    return out
+
+
 def markdown_table(result: dict) -> str:
-    """One row per variant: mean +- std over its seeds ("n/a" where there is no value)."""
-    header = ["variant", *[label for _, label in COLUMNS], "runs"]
+    """One row per variant: mean +- std over its seeds ("n/a" where there is no value), and the
+    val mIoU difference from the baseline with its 95% interval, starred where the interval
+    excludes zero."""
+    delta = f"Δ val mIoU vs {result['baseline']} [95% interval]"
+    header = ["variant", *[label for _, label in COLUMNS], delta, "runs"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, v in result["variants"].items():
         cells = [_mean_std(v[key], 1 if key == "train_time_s" else 4) for key, _ in COLUMNS]
+        cells.append("baseline" if name == result["baseline"] else _delta(v))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(v['runs'])} |")
     return "\n".join(lines)
+
+
+def _delta(variant: dict) -> str:
+    c = variant["vs_baseline"].get("val", {}).get("miou")
+    if c is None:
+        return "n/a"
+    star = "*" if c["low"] > 0 or c["high"] < 0 else ""
+    return f"{c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]{star}"
 
 
 def _mean_std(stats: dict, digits: int) -> str:
@@ -132,11 +171,14 @@ def _mean_std(stats: dict, digits: int) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
-def sweep_and_report(configs: dict, root: str | Path, seeds, steps=None, overrides=()) -> str:
+def sweep_and_report(configs: dict, root: str | Path, seeds, steps=None, overrides=(),
+                     baseline: str | None = None) -> str:
     """run_sweep, then its markdown table and where the summary went (the ablation command)."""
     try:
         seeds = [int(s) for s in seeds]
     except ValueError:
         raise ConfigError(f"--seeds={','.join(map(str, seeds))} must be integers") from None
-    result = run_sweep(configs, Path(root), seeds, steps, overrides)
-    return f"{markdown_table(result)}\n-> {Path(root) / 'summary.json'}"
+    result = run_sweep(configs, Path(root), seeds, steps, overrides, baseline)
+    note = ("* the 95% paired-bootstrap interval over images and seeds excludes zero "
+            "(seg/compare.py)")
+    return f"{markdown_table(result)}\n{note}\n-> {Path(root) / 'summary.json'}"

@@ -170,29 +170,36 @@ class EvalStep:
     """eval_step(params, buffers, batch) -> totals of the batch: its confusion matrix and its
     loss sums (seg.losses.Loss.sums) over the main head. Totals add up over batches and ranks;
     `scores(totals)` gives the metrics and the loss of everything they were summed over, so
-    neither depends on how the split was cut into batches."""
+    neither depends on how the split was cut into batches.
+
+    per_image: the output also holds "per_image", each image's (K, 3) counts
+    (seg.metrics.per_image_counts), which `evaluate` collects instead of adding up."""
 
     def __init__(self, model: nn.Module, loss_fn, num_classes: int, *, ignore_index: int = 255,
                  compile: bool | str = False, logits_fn: Callable | None = None,
-                 precision: str = "fp32", channels_last: bool = False):
+                 precision: str = "fp32", channels_last: bool = False, per_image: bool = False):
         self.model, self.loss_fn = model, loss_fn
         infer = make_infer(model, logits_fn=logits_fn, precision=precision,
                            channels_last=channels_last)
 
         def step(params: Params, buffers: Buffers, batch: Batch) -> dict:
-            images, masks = batch
+            images, masks = batch[:2]
             logits = infer(params, buffers, images)
-            cm = metrics.confusion_matrix(metrics.predict(logits), masks, num_classes,
-                                          ignore_index)
+            labels = metrics.predict(logits)
+            cm = metrics.confusion_matrix(labels, masks, num_classes, ignore_index)
             # float64 from here on: the sums of many batches lose nothing to rounding
             sums = {k: v.to(torch.float64) for k, v in loss_fn.sums(logits, masks).items()}
-            return {"confusion": cm, "loss": sums}
+            out = {"confusion": cm, "loss": sums}
+            if per_image:
+                out["per_image"] = metrics.per_image_counts(labels, masks, num_classes,
+                                                            ignore_index)
+            return out
 
         self._step = _compiled(step, compile)
 
     def __call__(self, params: Params, buffers: Buffers, batch: Batch) -> dict:
         functional.set_mode(self.model, train=False)
-        return self._step(params, buffers, batch)
+        return self._step(params, buffers, batch[:2])
 
     def scores(self, totals: dict) -> dict:
         """The metrics of seg.metrics.scores, "loss" and "confusion_matrix", as Python values."""
@@ -235,20 +242,39 @@ def _compiled(fn: Callable, compile: bool | str) -> Callable:
                          backend=compile if isinstance(compile, str) else "inductor")
 
 
-def evaluate(eval_step: EvalStep, params: Params, buffers: Buffers, batches: Iterable[Batch],
-             reduce: Callable[[list[Tensor]], list[Tensor]] | None = None) -> dict:
+def evaluate(eval_step: EvalStep, params: Params, buffers: Buffers, batches: Iterable[tuple],
+             reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+             gather: Callable[[object], list] | None = None) -> dict:
     """Runs a whole split; accumulates on the device and reads the host once at the end.
 
     reduce: sums the totals over the ranks that each ran a shard of the split (e.g.
     seg.distributed.sum_across), so the metrics are those of the whole split.
+    Per-image results: when the eval step makes them and the batches carry the dataset indices
+    of their samples (seg.data.batches.eval_batches(..., indices=True)), the result holds
+    "per_image": {"index": (N,), "counts": (N, K, 3)} on the CPU, sorted by index; gather
+    (e.g. seg.distributed.gather_objects) collects the ranks' shares.
     """
-    total = None
+    total, rows, index = None, [], []
     for batch in batches:
         out = eval_step(params, buffers, batch)
+        if "per_image" in out:
+            rows.append(out.pop("per_image"))
+            index.append(batch[2] if len(batch) > 2 else None)
         total = out if total is None else tree_map(torch.add, total, out)
     if total is None:
         raise ValueError("evaluate() got no batches: the split is empty")
     if reduce is not None:
         leaves, spec = tree_flatten(total)
         total = tree_unflatten(reduce(leaves), spec)
-    return eval_step.scores(total)
+    result = eval_step.scores(total)
+    if rows and all(i is not None for i in index):
+        result["per_image"] = _per_image(torch.cat(rows).cpu(), torch.cat(index), gather)
+    return result
+
+
+def _per_image(counts: Tensor, index: Tensor, gather) -> dict:
+    if gather is not None:
+        shares = gather((index, counts))
+        index, counts = torch.cat([i for i, _ in shares]), torch.cat([c for _, c in shares])
+    order = index.argsort()
+    return {"index": index[order], "counts": counts[order]}

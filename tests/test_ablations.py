@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from configs import ablations
-from seg import config, errors, loop, sweep
+from seg import compare, config, errors, loop, sweep
 
 TINY = ["data.image_size=32", "data.num_train=8", "data.num_val=4", "data.num_test=4",
         "train.batch_size=2", "train.eval_batch_size=4", "train.num_pictures=0"]
@@ -46,6 +46,20 @@ def test_sweep_writes_runs_and_mean_std(script, tmp_path, capsys):
     assert table.count("\n") == len(configs) + 1
     first = next(iter(configs))
     assert f"| {first} | {result['variants'][first]['val_miou']['mean']:.4f} ± " in table
+    # every variant against the first: the paired bootstrap over both seeds' per-image results
+    assert result["baseline"] == first
+    assert result["variants"][first]["vs_baseline"] == {}
+    name, v = list(result["variants"].items())[1]
+    got = v["vs_baseline"]["test"]["miou"]
+    again = compare.paired_bootstrap(compare.load([tmp_path / first / f"seed{k}" for k in (0, 1)],
+                                                  "test"),
+                                     compare.load([tmp_path / name / f"seed{k}" for k in (0, 1)],
+                                                  "test"))
+    assert got == again._asdict()
+    assert got["diff"] == pytest.approx(v["test_miou"]["mean"]
+                                        - result["variants"][first]["test_miou"]["mean"],
+                                        abs=1e-12)  # the mean over seeds of each side
+    assert f"| {first} |" in table and "| baseline |" in table
 
 
 def test_finished_runs_are_read_not_trained_again(tmp_path, monkeypatch):

@@ -49,7 +49,7 @@ def test_whole_image_eval_reproduces_the_runs_numbers(run_dir):
     assert record["confusion_matrix"] == last["confusion_matrix"]
     written = json.loads((run_dir / "eval_val.json").read_text())
     assert written["eval"] == {"mode": "whole", "window": [512, 512], "stride": [341, 341],
-                               "flip": False, "scales": [1.0]}
+                               "flip": False, "scales": [1.0], "per_image": True}
     assert written["class_names"] == ["background", "striped_blob", "patterned_polygon"]
     keys = {"pixel_acc", "mean_acc", "miou", "fwiou", "iou_per_class", "acc_per_class",
             "recall_macro", "recall_micro", "dice_macro", "loss", "confusion_matrix", "step"}
@@ -182,3 +182,21 @@ def test_evaluating_a_trained_run_with_eval_batch_1_and_7(tmp_path):
     moved = sum(abs(a - b) for ra, rb in zip(one["confusion_matrix"], seven["confusion_matrix"])
                 for a, b in zip(ra, rb)) / 2
     assert moved <= 1e-3 * sum(h * w for h, w in MIXED)
+
+
+def test_per_image_results_recompute_the_split_numbers(run_dir):
+    """The loop's latest eval of each split and evaluate.py's both save every image's counts;
+    summed they are the split's confusion-matrix totals, and any subset gives its own scores."""
+    import numpy as np
+    from seg import metrics, rundir
+
+    record = evaluation.evaluate_run(run_dir, "test", tag="per_image_check")
+    for name, expected in (("test", summary(run_dir)["last_eval"]["test"]),
+                           ("eval_test_per_image_check", record)):
+        saved = rundir.load_per_image(run_dir / "per_image" / f"{name}.npz")
+        cm = np.array(expected["confusion_matrix"])
+        assert saved.split == "test" and saved.step == 3 and list(saved.index) == [0, 1, 2, 3]
+        assert saved.class_names == ("background", "striped_blob", "patterned_polygon")
+        assert (saved.counts.sum(0) == np.stack([cm.diagonal(), cm.sum(1), cm.sum(0)], -1)).all()
+        whole = metrics.count_scores(torch.from_numpy(saved.counts.sum(0)))
+        assert whole["miou"].item() == pytest.approx(expected["miou"], abs=1e-12)

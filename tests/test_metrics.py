@@ -239,3 +239,19 @@ def test_confusion_matrix_compiles_without_graph_breaks():
     assert torch.equal(compiled(pred, target, 6), metrics.confusion_matrix(pred, target, 6))
     compiled_iou = torch.compile(metrics.per_image_iou, fullgraph=True, backend="eager")
     assert torch.equal(compiled_iou(pred, target, 6), metrics.per_image_iou(pred, target, 6))
+
+
+def test_per_image_counts_sum_to_the_split_scores():
+    pred, target = random_labels(7, shape=(6, 9, 11), k=5)
+    target[2][target[2] == 3] = IGN
+    counts = metrics.per_image_counts(pred, target, 5)
+    cm = metrics.confusion_matrix(pred, target, 5)
+    assert torch.equal(counts.sum(0), torch.stack([cm.diagonal(), cm.sum(1), cm.sum(0)], -1))
+    whole, subset = metrics.scores(cm), metrics.count_scores(counts.sum(0))
+    for key in ("miou", "pixel_acc", "mean_acc"):
+        assert subset[key].item() == pytest.approx(whole[key], abs=1e-15)
+    # any subset of images: its own split-level numbers
+    some = [0, 3, 4]
+    cm_some = metrics.confusion_matrix(pred[some], target[some], 5)
+    assert metrics.count_scores(counts[some].sum(0))["miou"].item() == pytest.approx(
+        metrics.scores(cm_some)["miou"], abs=1e-15)

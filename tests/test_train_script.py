@@ -124,7 +124,8 @@ def test_config_files_that_do_not_load_are_one_line_errors(tmp_path):
 def test_a_workdir_that_is_a_file_is_a_one_line_error(tmp_path):
     (tmp_path / "afile").write_text("keep me")
     line = _one_line_error(train(tmp_path / "afile", check=False))
-    assert line == f"error: workdir {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a folder"
+    afile = tmp_path / "afile"
+    assert line == f"error: workdir {afile}: {afile} is a file, not a folder"
     assert (tmp_path / "afile").read_text() == "keep me"
 
 

@@ -57,7 +57,8 @@ def train_batches(dataset: SegDataset, transform: Transform | None, batch_size: 
 def eval_batches(dataset: SegDataset, transform: Transform | None, batch_size: int,
                  device="cpu", workers: int = 0, pad_multiple: int = 1, rank: int = 0,
                  world_size: int = 1, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, prefetch: int = 2) -> Iterator[Batch]:
+                 std: Sequence[float] | None = None, prefetch: int = 2,
+                 indices: bool = False) -> Iterator[Batch]:
     """Every sample of this rank's contiguous share once, in order, at most batch_size at a time.
 
     Each sample is padded at the bottom and right to its own size rounded up to a multiple of
@@ -66,7 +67,8 @@ def eval_batches(dataset: SegDataset, transform: Transform | None, batch_size: i
     normalised). Of every batch_size samples read, those of the same padded size go through
     together: with images of one size (most datasets, and any crop) the batches are full; with
     mixed sizes (VOC, ADE20K) a batch holds the neighbours that share a size, and the numbers do
-    not depend on batch_size. mean/std default to dataset.info's."""
+    not depend on batch_size. mean/std default to dataset.info's. indices: each batch is
+    (images, masks, dataset indices of its samples (int64, on the CPU)), for per-image results."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if pad_multiple < 1:
@@ -81,7 +83,8 @@ def eval_batches(dataset: SegDataset, transform: Transform | None, batch_size: i
     mean, std = _stats(dataset, mean, std)
     collate = _Padder(pad_multiple, augment.mean_colour(mean), dataset.info.ignore_index)
     host = _loader(dataset, transform, sampler, collate, device, workers, 0, persistent=False)
-    return _on_device(host, device, prefetch, mean, std)
+    batches = _on_device(host, device, prefetch, mean, std)
+    return batches if indices else (batch[:2] for batch in batches)
 
 
 def normalize(images_uint8: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor
@@ -133,11 +136,12 @@ class _Transformed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitems__(self, keys: list[tuple[int, int | None]]) -> list[tuple[Tensor, Tensor]]:
-        if torch.utils.data.get_worker_info() is not None:
-            return [self._sample(i, s) for i, s in keys]   # a worker's generator is its own
-        with torch.random.fork_rng(devices=[]):            # the main process's is not
-            return [self._sample(i, s) for i, s in keys]
+    def __getitems__(self, keys: list[tuple[int, int | None]]) -> list[tuple[Tensor, Tensor, int]]:
+        """(image, mask, dataset index) per key."""
+        if torch.utils.data.get_worker_info() is not None:   # a worker's generator is its own
+            return [(*self._sample(i, s), i) for i, s in keys]
+        with torch.random.fork_rng(devices=[]):               # the main process's is not
+            return [(*self._sample(i, s), i) for i, s in keys]
 
     def _sample(self, i: int, seed: int | None) -> tuple[Tensor, Tensor]:
         image, mask = self.dataset.read(i)
@@ -152,12 +156,12 @@ class _Transformed(Dataset):
         return augment.apply(self.transform, image, mask)
 
 
-def _stack(samples: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-    sizes = {tuple(mask.shape) for _, mask in samples}
+def _stack(samples: list[tuple[Tensor, Tensor, int]]) -> list[tuple[Tensor, Tensor]]:
+    sizes = {tuple(mask.shape) for _, mask, _ in samples}
     if len(sizes) > 1:
         raise ValueError(f"train samples differ in size {sorted(sizes)[:2]}...: set "
                          f"data.crop_size (or data.resize with a crop) to batch them")
-    images, masks = zip(*samples)
+    images, masks, _ = zip(*samples)
     return [(torch.stack(images), torch.stack(masks))]
 
 
@@ -169,7 +173,8 @@ class _Padder:
     def __init__(self, multiple: int, fill: tuple[int, int, int], ignore_index: int):
         self.multiple, self.fill, self.ignore_index = multiple, fill, ignore_index
 
-    def __call__(self, samples: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    def __call__(self, samples: list[tuple[Tensor, Tensor, int]]
+                 ) -> list[tuple[Tensor, Tensor, Tensor]]:
         groups: dict[tuple[int, int], list] = {}
         for sample in samples:
             groups.setdefault(self._padded_size(sample[1]), []).append(sample)
@@ -179,14 +184,14 @@ class _Padder:
         m = self.multiple
         return -(-mask.shape[0] // m) * m, -(-mask.shape[1] // m) * m
 
-    def _pad(self, size: tuple[int, int], samples: list) -> tuple[Tensor, Tensor]:
+    def _pad(self, size: tuple[int, int], samples: list) -> tuple[Tensor, Tensor, Tensor]:
         images = torch.tensor(self.fill, dtype=torch.uint8).view(1, 3, 1, 1).repeat(
             len(samples), 1, *size)
         masks = torch.full((len(samples), *size), self.ignore_index, dtype=torch.uint8)
-        for k, (image, mask) in enumerate(samples):
+        for k, (image, mask, _) in enumerate(samples):
             images[k, :, :mask.shape[0], :mask.shape[1]] = image
             masks[k, :mask.shape[0], :mask.shape[1]] = mask
-        return images, masks
+        return images, masks, torch.tensor([i for _, _, i in samples], dtype=torch.int64)
 
 
 def _check_ranks(rank: int, world_size: int) -> None:
@@ -229,19 +234,21 @@ def _on_device(host: Iterator, device, prefetch: int, mean: Sequence[float],
         yield _ready(queue.popleft(), mean, std, device)
 
 
-def _copy(batch: tuple[Tensor, Tensor], device: torch.device, stream):
+def _copy(batch: tuple[Tensor, ...], device: torch.device, stream):
+    """Images and masks to the device; anything after them (sample indices) stays on the host."""
+    pixels, rest = batch[:2], tuple(batch[2:])
     if stream is None:
-        return tuple(t.to(device) for t in batch), None
+        return tuple(t.to(device) for t in pixels) + rest, None
     with torch.cuda.stream(stream):   # the copy overlaps the compute of the steps before it
-        moved = tuple(t.to(device, non_blocking=True) for t in batch)
-    return moved, stream.record_event()
+        moved = tuple(t.to(device, non_blocking=True) for t in pixels)
+    return moved + rest, stream.record_event()
 
 
-def _ready(copied, mean: Tensor, std: Tensor, device: torch.device) -> Batch:
-    (images, masks), event = copied
+def _ready(copied, mean: Tensor, std: Tensor, device: torch.device) -> tuple:
+    (images, masks, *rest), event = copied
     if event is not None:
         current = torch.cuda.current_stream(device)
         current.wait_event(event)
         for t in (images, masks):
             t.record_stream(current)   # freed memory is reused only after this stream is done
-    return normalize(images, mean, std), masks.long()
+    return (normalize(images, mean, std), masks.long(), *rest)
