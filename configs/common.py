@@ -54,6 +54,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.loss.name = "cross_entropy"          # cross_entropy | focal | bce | bce_soft_iou | dice
     c.loss.gamma = 2.0                     # focal loss only
     c.loss.class_weights = ()              # empty: unweighted
+    c.loss.class_balance = ""              # "median_frequency": weights measured on the train
+                                           # split (SegNet's; seg/data/balance.py)
     c.loss.aux_weight = 0.0                # weight of the auxiliary head's loss, if any
     c.loss.ignore_index = c.data.get_ref("ignore_index")   # follows data.ignore_index overrides
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from seg import data, functional, inference, losses, models, optim
 from seg import train as steps
-from seg.data import DatasetInfo, Split
+from seg.data import DatasetInfo, Split, balance
 from seg.errors import ConfigError, config_errors
 from seg.functional import Buffers, Params
 from seg.models import weights
@@ -26,6 +26,7 @@ class Experiment(NamedTuple):
     buffers: Buffers
     loss_fn: losses.Loss
     num_outputs: int             # 1 for binary losses (one logit), else data.num_classes
+    class_weights: tuple | None  # measured on the train split for loss.class_balance
 
     @property
     def info(self) -> DatasetInfo:
@@ -47,8 +48,11 @@ def build(cfg, device: torch.device, *, with_data: bool = True) -> Experiment:
         if cfg.model.backbone_weights:
             params, buffers = _load_backbone(cfg, params, buffers)
         _check_modules(cfg, model)
-        loss_fn = losses.build(cfg.loss, cfg.data.num_classes)
-    return Experiment(splits, model, params, buffers, loss_fn, num_outputs(cfg))
+        weights = None
+        if cfg.loss.class_balance and with_data:
+            weights = balance.median_frequency_weights(splits["train"].dataset)
+        loss_fn = losses.build(cfg.loss, cfg.data.num_classes, class_weights=weights)
+    return Experiment(splits, model, params, buffers, loss_fn, num_outputs(cfg), weights)
 
 
 def check(cfg) -> None:

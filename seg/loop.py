@@ -262,7 +262,8 @@ class _Loop:
         return {"model": self.model_info, "steps": step, "wall_time_s": self.clock.wall_time(),
                 "train_time_s": train_time,
                 "images_per_s": images / train_time if train_time else None,
-                "class_names": names, "last_eval": last, "best_eval": self.evals.best,
+                "class_names": names, "class_weights": self.exp.class_weights,
+                "last_eval": last, "best_eval": self.evals.best,
                 # the last evals' per-class IoU keyed by the dataset's class names
                 "iou_by_class": {split: dict(zip(names, r["iou_per_class"]))
                                  for split, r in last.items()},

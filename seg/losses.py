@@ -233,18 +233,28 @@ def total_loss(outputs: dict, target: Tensor, loss_fn: Callable[[Tensor, Tensor]
     return head_losses(outputs, target, loss_fn, aux_weight)["loss"]
 
 
-def build(loss_cfg, num_classes: int) -> Loss:
-    """The Loss (logits, target) -> loss from a config with fields name, gamma, class_weights (a tuple,
-    empty for none) and ignore_index."""
+def build(loss_cfg, num_classes: int, class_weights: tuple[float, ...] | None = None) -> Loss:
+    """The Loss (logits, target) -> loss from a config with fields name, gamma, class_weights
+    (a tuple, empty for none), class_balance and ignore_index. class_weights: weights measured
+    on the data for loss.class_balance (seg.data.balance); without them the check of
+    class_balance is all that is done with it."""
     name, weights = loss_cfg.name, tuple(loss_cfg.class_weights)
     names = sorted(BINARY_LOSSES | _MULTICLASS_LOSSES)
     if name not in names:
         raise ValueError(f"loss.name must be one of {names}, got {name!r}")
+    balance = loss_cfg.get("class_balance", "")
+    if balance not in ("", "median_frequency"):
+        raise ValueError(f"loss.class_balance={balance!r} is not one of '', 'median_frequency'")
+    if balance and weights:
+        raise ValueError("loss.class_balance and loss.class_weights both give class weights: "
+                         "set one of them")
+    weights = tuple(class_weights) if class_weights is not None else weights
     if name in BINARY_LOSSES and num_classes != 2:
         raise ValueError(f"loss.name={name!r} is a binary loss (one logit): it needs "
                          f"data.num_classes=2, got {num_classes}")
     if weights and name not in _WEIGHTED_LOSSES:
-        raise ValueError(f"loss.class_weights is not supported by loss {name!r}, got {weights}")
+        raise ValueError(f"class weights (loss.class_weights / class_balance) are not supported "
+                         f"by loss {name!r}")
     if weights and len(weights) != num_classes:
         raise ValueError(f"loss.class_weights must have data.num_classes={num_classes} "
                          f"entries, got {weights}")
