@@ -13,19 +13,26 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "synthetic"              # synthetic | folder | camvid | voc | pets
+    # synthetic | folder | camvid | voc | pets | cityscapes | ade20k
+    c.data.name = "synthetic"
     c.data.seed = 0                        # fixed while `seed` varies: a seed sweep sees the same data
     c.data.root = config_dict.placeholder(str)   # folder of a real dataset (not used by synthetic)
+    # used when data.root is unset: the dataset is $SEG_DATASETS/<dirname> (seg/data/roots.py)
+    c.data.dirname = ""
     c.data.num_classes = 3                 # background + two object classes
     c.data.ignore_index = 255
     c.data.train_split = "train"
     c.data.val_split = "val"
-    c.data.test_split = "test"             # "" = the dataset has none (CamVid's copy): no test eval
+    c.data.test_split = "test"             # "" = the dataset has none: no test eval
+    c.data.test_optional = False           # a test split missing from the folder: skip, not error
     c.data.sbd_root = ""                   # voc: SBD folder whose train set is added ("aug")
     c.data.verify = False                  # check every file when the dataset is opened
     c.data.storage = "raw"                 # raw | memmap | hdf5 (caches of preprocessed samples)
     c.data.cache_dir = ""                  # where memmap / hdf5 caches are written
     c.data.normalize = "dataset"           # dataset (its own train mean/std) | imagenet
+    # folder only: stored mask values -> classes (seg/data/labels.py); default: value = class
+    c.data.reduce_zero_label = False       # 0 ignored, k -> class k - 1 (mmsegmentation's option)
+    c.data.label_map = ()                  # ((stored value, class or ignore), ...); others refused
     # synthetic only
     c.data.image_size = 64
     c.data.num_train = 2000
@@ -34,10 +41,17 @@ def get_base_config() -> ml_collections.ConfigDict:
     # train augmentation (image and mask together)
     c.data.resize = 0                      # shorter side resized to this first; 0 = off
     c.data.scale_range = (1.0, 1.0)        # random rescale, e.g. (0.5, 2.0)
+    # (long, short): scale_range multiplies this box, and each image is resized, keeping its
+    # aspect, to fit the box drawn (mmsegmentation's RandomResize); () = the image's own size
+    c.data.scale_to = ()
     c.data.crop_size = ()                  # (H, W) random crop, padded with ignore; () = none
+    # redraw the crop (at most 10 times) while one class covers this share or more of its
+    # labelled pixels (mmsegmentation's RandomCrop cat_max_ratio); 1.0 = off
+    c.data.crop_max_class_ratio = 1.0
     c.data.hflip = True
     c.data.color_jitter = 0.0              # brightness / contrast / saturation strength; 0 = off
     c.data.perspective = 0.0               # distortion scale of a random perspective; 0 = off
+    c.data.photometric = False             # mmsegmentation's PhotoMetricDistortion
     # evaluation reads whole images, padded to a multiple of this (ignore in the mask)
     c.data.pad_multiple = 32
     # loading
@@ -104,6 +118,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # how evals (in training and experiments/evaluate.py) run the model over an image
     c.eval = ml_collections.ConfigDict()
     c.eval.mode = "whole"                  # whole | slide (overlapping windows, averaged)
+    # (long, short): each image resized, keeping its aspect, to fit this box for the forward, the
+    # logits resized back to it (mmsegmentation's test Resize keep_ratio); () = off. With
+    # data.pad_multiple=1 the image itself is fitted (padding would count in its size)
+    c.eval.scale_to = ()
     c.eval.window = (512, 512)             # slide: window (H, W); shrinks to a smaller image
     c.eval.stride = (341, 341)             # slide: step between windows, at most the window
     c.eval.flip = False                    # test-time augmentation: average with the mirror image

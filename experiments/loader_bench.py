@@ -4,7 +4,7 @@
   python experiments/loader_bench.py --config=configs/pspnet.py --out=loader.json
   python experiments/loader_bench.py --config=configs/unet.py:camvid --workers=0,2,4
 
-Without --config it times the CamVid preset (at --root, default the shared copy) at full
+Without --config it times the CamVid preset (at --root, default $SEG_DATASETS/camvid) at full
 360x480 crops with its scale 0.5-2.0 and flips, plus colour jitter 0.4. For each worker count it times
 --steps batches after --warmup untimed ones (worker start-up, page cache), reading, decoding,
 augmenting, collating, copying to --device and normalising. Prints a table and writes JSON.
@@ -24,7 +24,8 @@ from seg import data, rundir
 from seg.data import batches, augment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file; default: CamVid (above).")
-_ROOT = flags.DEFINE_string("root", None, "CamVid folder (no --config); default: the preset's.")
+_ROOT = flags.DEFINE_string("root", None,
+                            "CamVid folder (no --config); default: $SEG_DATASETS/camvid.")
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "DataLoader worker counts to time.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed batches per worker count.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed batches first.")

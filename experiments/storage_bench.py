@@ -27,7 +27,8 @@ from configs import common, presets
 from seg import data, rundir
 
 _DATASET = flags.DEFINE_enum("dataset", "camvid", list(presets.PRESETS), "Dataset preset.")
-_ROOT = flags.DEFINE_string("root", None, "data.root (default: the preset's).")
+_ROOT = flags.DEFINE_string("root", None,
+                            "data.root (default: $SEG_DATASETS/<the preset's data.dirname>).")
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "val", "test"], "Split to read.")
 _NUM = flags.DEFINE_integer("num", 0, "Samples read per pass (0 = the whole split).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds (each: one sequential and one shuffled "

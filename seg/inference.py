@@ -1,4 +1,5 @@
-"""Inference over whole images: whole-image, sliding-window, and test-time augmentation.
+"""Inference over whole images: whole-image, sliding-window, and test-time augmentation, each
+optionally on the image resized to fit a box (mmsegmentation's test-time Resize keep_ratio).
 
 A `Forward` maps normalised images (B, 3, H, W) to logits (B, C, H, W) at the input size; a
 `LogitsFn` maps (forward, images) to logits and is what the eval step calls
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seg import functional, metrics
+from seg.data.augment import fit_size
 from seg.functional import Buffers, Params
 
 Forward = Callable[[Tensor], Tensor]
@@ -101,11 +103,33 @@ def tta(infer: Forward, images: Tensor, scales: Sequence[float] = (1.0,), flip: 
     return total / n
 
 
+def fitted(logits_fn: LogitsFn, box: Sequence[int]) -> LogitsFn:
+    """logits_fn run on the images resized (bilinear) to fit `box` (augment.fit_size), its logits
+    resized back to the images' size: metrics stay at the resolution of the ground truth.
+    The images should be unpadded (data.pad_multiple=1): padding would count in the size."""
+    def logits(forward: Forward, images: Tensor) -> Tensor:
+        h, w = images.shape[-2:]
+        size = fit_size(h, w, box)
+        if size == (h, w):
+            return logits_fn(forward, images)
+        return _resize(logits_fn(forward, _resize(images, size)), (h, w))
+
+    return logits
+
+
 def make_logits_fn(mode: str = "whole", window: Sequence[int] = (512, 512),
                    stride: Sequence[int] = (341, 341), scales: Sequence[float] = (1.0,),
-                   flip: bool = False) -> LogitsFn:
+                   flip: bool = False, scale_to: Sequence[int] = ()) -> LogitsFn:
     """The eval's (forward, images) -> logits. Without augmentation these are the model's own
-    logits; with it, the logits of the averaged probabilities."""
+    logits; with it, the logits of the averaged probabilities. scale_to: a (long, short) box
+    the image is resized to fit first (`fitted`); the augmentation's scales are relative to
+    that size."""
+    scale_to = tuple(scale_to)
+    if scale_to and (len(scale_to) != 2 or min(scale_to) < 1):
+        raise ValueError(f"eval.scale_to={scale_to} must be () or (long side, short side), "
+                         f"positive")
+    if scale_to:
+        return fitted(make_logits_fn(mode, window, stride, scales, flip), scale_to)
     if mode not in MODES:
         raise ValueError(f"eval.mode={mode!r} is not one of {MODES}")
     if mode == "slide":
@@ -130,9 +154,10 @@ def make_logits_fn(mode: str = "whole", window: Sequence[int] = (512, 512),
 
 
 def from_config(eval_cfg) -> LogitsFn:
-    """make_logits_fn from config.eval (mode, window, stride, scales, flip)."""
+    """make_logits_fn from config.eval (mode, window, stride, scales, flip, scale_to)."""
     return make_logits_fn(eval_cfg.mode, tuple(eval_cfg.window), tuple(eval_cfg.stride),
-                          tuple(eval_cfg.scales), eval_cfg.flip)
+                          tuple(eval_cfg.scales), eval_cfg.flip,
+                          tuple(eval_cfg.get("scale_to", ())))  # runs made before it: ()
 
 
 def predict_labels(model: nn.Module, params: Params, buffers: Buffers, images: Tensor,

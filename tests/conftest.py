@@ -1,11 +1,20 @@
 """Shared test helpers."""
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
 from seg.data.dataset import DatasetInfo, SegDataset
+
+# The staged copies of the shared datasets sit beside the repository (CI checks them out
+# there): the presets find them through SEG_DATASETS (seg/data/roots.py), unless the caller set
+# it already. Tests that read them skip when the folder is absent.
+os.environ.setdefault("SEG_DATASETS",
+                      str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+SHARED_DATASETS = Path(os.environ["SEG_DATASETS"])
 
 
 def _randomise_bn(module: nn.Module) -> None:

@@ -5,6 +5,8 @@ import ml_collections
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -110,6 +112,88 @@ def test_random_scale_factor_and_sizes():
     assert len(sizes) > 10 and 15 <= min(heights) and max(heights) <= 60
 
 
+@pytest.mark.parametrize("hw, box, expected", [
+    ((1024, 2048), (2048, 1024), (1024, 2048)),   # Cityscapes at its own box
+    ((375, 500), (2048, 512), (512, 683)),        # a VOC image: short side to 512, 682.67 + 0.5
+    ((512, 683), (512, 2048), (512, 683)),        # the box's order does not matter
+    ((2000, 300), (2048, 512), (2048, 307)),      # the long side binds: 300 * 1.024 + 0.5
+])
+def test_fit_size_is_mmcvs_keep_ratio_rescale(hw, box, expected):
+    assert augment.fit_size(*hw, box) == expected
+
+
+def test_random_scale_with_a_box_fits_the_scaled_box():
+    """mmsegmentation's RandomResize: ratio r scales the box (truncated to integers), then the
+    image is resized, keeping its aspect, to fit the scaled box."""
+    dataset = palette_coded([torch.zeros(30, 40, dtype=torch.uint8)])
+    t = augment.train_transform(data_cfg(scale_range=(0.5, 2.0), scale_to=(100, 50),
+                                         hflip=False), dataset.info)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        r = float(torch.empty(()).uniform_(0.5, 2.0))          # the transform's one draw
+        torch.manual_seed(seed)
+        image, mask = augment.apply(t, *dataset.read(0))
+        f = min(int(100 * r) / 40, int(50 * r) / 30)
+        assert mask.shape == (int(30 * f + 0.5), int(40 * f + 0.5)) == image.shape[1:]
+
+
+def _balanced_share(max_ratio, seeds=200):
+    """Class 1 fills the 8 left columns of a 16 x 64 mask and columns 8-9 are ignored. A
+    16 x 16 crop starting at column c < 8 has 8 - c columns of class 1 and 6 + c of class 0
+    among its 14 labelled ones: no class reaches 75% for c = 0-4, 5 of the 49 offsets."""
+    mask = torch.zeros(16, 64, dtype=torch.uint8)
+    mask[:, :8] = 1
+    mask[:, 8:10] = 255
+    dataset = palette_coded([mask])
+    t = augment.train_transform(data_cfg(crop_size=(16, 16), crop_max_class_ratio=max_ratio,
+                                         hflip=False), dataset.info)
+    balanced = 0
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        _, out = augment.apply(t, mask, mask)
+        counts = torch.bincount(out[out != 255].long(), minlength=2)
+        balanced += bool((counts > 0).all() and counts.max() < 0.75 * counts.sum())
+    return balanced / seeds
+
+
+def test_crop_is_redrawn_while_one_class_dominates():
+    # balanced with probability 1 - (44/49)^11 = 0.694 after 10 redraws, 5/49 = 0.102 without;
+    # over 200 draws the standard deviation is at most 0.035: 4 of them either way
+    assert abs(_balanced_share(0.75) - 0.694) < 0.14
+    assert abs(_balanced_share(1.0) - 0.102) < 0.14
+
+
+def test_class_shares_leave_ignored_pixels_out():
+    crop = augment.RandomCropMaxClass((4, 4), 0.75, ignore_index=255, fill=0)
+    window = dict(top=0, left=0, height=4, width=4, padding=[0, 0, 0, 0])
+    mask = torch.full((4, 4), 255, dtype=torch.uint8)
+    mask[0, :] = 0
+    mask[1, :2] = 0
+    mask[1, 2:] = 1                  # 6 of class 0 and 2 of class 1 among 8 labelled pixels:
+    assert not crop._balanced(mask, window)   # 0.75, not below it (with ignore it were 0.375)
+    mask[1, 1] = 1                   # 5 and 3: 0.625
+    assert crop._balanced(mask, window)
+    mask[0:2] = 255                  # nothing labelled
+    assert not crop._balanced(mask, window)
+
+
+def test_crop_without_a_class_ratio_is_torchvisions_random_crop(coded):
+    ours = augment.train_transform(data_cfg(crop_size=(24, 48), hflip=False), coded.info)
+    fill = {tv_tensors.Image: augment.mean_colour(coded.info.mean), tv_tensors.Mask: 255}
+    theirs = v2.RandomCrop((24, 48), pad_if_needed=True, fill=fill)
+    for (a_image, a_mask), (b_image, b_mask) in zip(outputs(ours, coded), outputs(theirs, coded)):
+        assert torch.equal(a_image, b_image) and torch.equal(a_mask, b_mask)
+
+
+def test_photometric_changes_the_image_only(coded):
+    t = augment.train_transform(data_cfg(hflip=False, photometric=True), coded.info)
+    changed = 0
+    for i, (image, mask) in enumerate(outputs(t, coded, draws=2)):
+        assert torch.equal(mask, coded.read(i // 2)[1]) and image.dtype == torch.uint8
+        changed += not torch.equal(image, coded.read(i // 2)[0])
+    assert changed >= 8     # each of 4 steps at p = 0.5: unchanged with probability 1/16
+
+
 def test_resize_sets_the_shorter_side_with_bilinear_images():
     image = torch.randint(0, 256, (3, 30, 50), dtype=torch.uint8)
     mask = torch.randint(0, 3, (30, 50), dtype=torch.uint8)
@@ -181,6 +265,9 @@ def test_mean_colour_normalises_to_about_zero():
     (dict(crop_size=(0, 32)), "data.crop_size"),
     (dict(color_jitter=-0.1), "data.color_jitter=-0.1"),
     (dict(perspective=1.5), "data.perspective=1.5"),
+    (dict(scale_to=(512,)), r"data.scale_to=\(512,\)"),
+    (dict(scale_to=(0, 512)), r"data.scale_to"),
+    (dict(crop_max_class_ratio=0.0), r"data.crop_max_class_ratio=0.0"),
 ])
 def test_bad_config_is_one_line_naming_the_field(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -49,7 +49,8 @@ def test_whole_image_eval_reproduces_the_runs_numbers(run_dir):
     assert record["confusion_matrix"] == last["confusion_matrix"]
     written = json.loads((run_dir / "eval_val.json").read_text())
     assert written["eval"] == {"mode": "whole", "window": [512, 512], "stride": [341, 341],
-                               "flip": False, "scales": [1.0], "per_image": True}
+                               "flip": False, "scales": [1.0], "per_image": True,
+                               "scale_to": []}
     assert written["class_names"] == ["background", "striped_blob", "patterned_polygon"]
     keys = {"pixel_acc", "mean_acc", "miou", "fwiou", "iou_per_class", "acc_per_class",
             "recall_macro", "recall_micro", "dice_macro", "loss", "confusion_matrix", "step"}

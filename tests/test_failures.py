@@ -48,7 +48,7 @@ def finished(tmp_path_factory):
     ({"data.num_classes": 6}, {}, "data.num_classes"),          # synthetic has 5 classes
     ({"data.crop_size": (48, 48)}, {}, "data.crop_size"),        # 32-pixel images
     ({"model.name": "segformer"}, {}, "model.name"),
-    ({"data.name": "cityscapes"}, {}, "data.name"),
+    ({"data.name": "mapillary"}, {}, "data.name"),
     ({"train.batch_size": 6}, {"RANK": "0", "WORLD_SIZE": "4"}, "train.batch_size"),
     ({"train.nonfinite": "ignore"}, {}, "train.nonfinite"),
     ({"train.eval_batch_size": 6}, {"RANK": "0", "WORLD_SIZE": "4"}, "train.eval_batch_size"),

@@ -120,7 +120,27 @@ def test_make_logits_fn_without_augmentation_returns_the_models_logits():
     assert torch.equal(metrics.predict(augmented(forward, x)), probs.argmax(1))
 
 
+def test_scale_to_fits_the_image_then_resizes_the_logits_back():
+    """mmsegmentation's test Resize(keep_ratio) + resize of the logits to the image: 15 x 20
+    in a (40, 24) box is scaled by min(40/20, 24/15) = 1.6 to 24 x 32."""
+    x, forward = torch.randn(2, 3, 15, 20), conv_forward()
+    expected = TF.resize(forward(TF.resize(x, [24, 32], antialias=False)), [15, 20],
+                         antialias=False)   # torchvision's bilinear resize as the reference
+    got = inference.make_logits_fn("whole", scale_to=(40, 24))(forward, x)
+    assert got.shape == (2, 3, 15, 20)
+    assert torch.allclose(got, expected, atol=1e-6)
+    # an image that fits the box already is not resampled at all
+    assert torch.equal(inference.make_logits_fn(scale_to=(20, 15))(forward, x), forward(x))
+    # test-time augmentation runs on the fitted image
+    flipped = inference.make_logits_fn(flip=True, scale_to=(40, 24))(forward, x)
+    inner = inference.make_logits_fn(flip=True)
+    assert torch.equal(flipped, TF.resize(inner(forward, TF.resize(x, [24, 32], antialias=False)),
+                                          [15, 20], antialias=False))
+
+
 @pytest.mark.parametrize("kwargs, field", [
+    (dict(scale_to=(0, 8)), "eval.scale_to"),
+    (dict(scale_to=(8,)), "eval.scale_to"),
     (dict(mode="tiles"), "eval.mode"),
     (dict(mode="slide", window=(8, 8), stride=(9, 4)), "eval.stride"),
     (dict(mode="slide", window=(0, 8), stride=(1, 1)), "eval.window"),

@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageFile
 
 from configs import common, presets
+from conftest import SHARED_DATASETS
 from seg import data
 from seg.data.voc import voc_palette
 
@@ -111,6 +112,48 @@ def test_palette_mask_in_a_folder_is_read_as_indices(folder):
     assert Image.open(folder / "train/masks/a.png").mode == "P"
     assert torch.equal(data.build(cfg(name="folder", root=str(folder)), "train").read(0)[1],
                        torch.from_numpy(m))
+
+
+def test_folder_reduce_zero_label_ignores_zero_and_shifts_the_rest(folder):
+    stored = np.array([[0, 1, 2, 3, 255, 0]] * H, dtype=np.uint8)[:, :W // 2].repeat(2, 1)
+    save(folder / "train/masks/a.png", stored)
+    mask = data.build(cfg(name="folder", root=str(folder), reduce_zero_label=True),
+                      "train").read(0)[1]
+    expected = {0: 255, 1: 0, 2: 1, 3: 2, 255: 255}   # by hand: k -> k - 1, 0 and 255 ignored
+    assert mask.tolist() == [[expected[v] for v in row] for row in stored.tolist()]
+
+
+def test_folder_label_map_maps_listed_values_and_refuses_others(folder):
+    stored = np.array([[7, 8, 11, 0, 255, 7]] * H, dtype=np.uint8)[:, :W // 2].repeat(2, 1)
+    save(folder / "train/masks/a.png", stored)
+    table = {7: 0, 8: 1, 11: 2, 0: 255}
+    c = cfg(name="folder", root=str(folder), label_map=tuple(table.items()))
+    mask = data.build(c, "train").read(0)[1]
+    assert mask.tolist() == [[table.get(v, 255) for v in row] for row in stored.tolist()]
+    stored[2, 3] = 9
+    save(folder / "train/masks/a.png", stored)
+    with pytest.raises(data.DataError, match=r"a.png: mask values 9 are outside the values of "
+                                             r"data.label_map \(0, 7, 8, 11\)"):
+        data.build(c, "train").read(0)
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(label_map=((7, 3),)), r"data.label_map: value 7 -> 3, which is neither a class in "
+                                r"\[0, 3\)"),
+    (dict(label_map=((7, 0), (7, 1))), r"data.label_map: stored value 7 .* listed twice"),
+    (dict(label_map=((7,),)), r"data.label_map: \(7,\) is not a \(stored value, class\) pair"),
+    (dict(label_map=((1, 0),), reduce_zero_label=True), r"data.reduce_zero_label=True and "
+                                                        r"data.label_map are both set"),
+])
+def test_bad_label_map_names_the_field(folder, fields, match):
+    with pytest.raises(ValueError, match=match):
+        data.build(cfg(name="folder", root=str(folder), **fields), "train")
+
+
+def test_label_map_fields_belong_to_the_folder_reader(tmp_path):
+    with pytest.raises(ValueError, match=r"data.reduce_zero_label / data.label_map apply to "
+                                         r"data.name='folder'; the voc reader"):
+        data.build(cfg(name="voc", root=str(tmp_path), reduce_zero_label=True), "train")
 
 
 # ------------------------------------------------------------------ bad data
@@ -414,10 +457,12 @@ def test_pets_bad_trimap_value_and_bad_list_line(pets_root):
 
 # ------------------------------------------------------------------ the shared datasets
 
-SHARED = next((p for p in (presets.SHARED, Path("/work/shared/datasets")) if p.is_dir()), None)
+def _staged(name: str) -> bool:
+    """The staged copy (it has a classes.json), not a user's own full dataset of that name."""
+    return (SHARED_DATASETS / name / "classes.json").is_file()
 
 
-@pytest.mark.skipif(SHARED is None, reason="shared datasets absent")
+@pytest.mark.skipif(not _staged("camvid"), reason="shared datasets absent")
 @pytest.mark.parametrize("preset, sizes, classes", [
     ("camvid", {"train": 367, "val": 101}, ("Sky", "Building", "Pole", "Road", "Pavement",
                                             "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
@@ -426,12 +471,14 @@ SHARED = next((p for p in (presets.SHARED, Path("/work/shared/datasets")) if p.i
     ("bagdata", {"train": 373, "val": 80, "test": 80}, ("background", "bag")),
 ])
 def test_shared_datasets_through_their_presets(preset, sizes, classes):
+    """The presets say no path: the data is found through $SEG_DATASETS/<data.dirname>."""
     c = presets.apply(common.get_base_config(), preset).data
-    c.root = str(SHARED / preset)
-    meta = json.loads((SHARED / preset / "classes.json").read_text())
+    assert c.root is None and c.dirname == preset
+    meta = json.loads((SHARED_DATASETS / preset / "classes.json").read_text())
     for split, n in sizes.items():
         ds = data.build(c, split)
         assert len(ds) == n and ds.info.class_names == classes == tuple(meta["classes"])
+        assert ds.pairs[0][0].startswith(str(SHARED_DATASETS / preset))
         assert ds.info.mean == tuple(meta["stats"]["train_rgb_mean"])
         for i in (0, n - 1):   # a couple of samples: decoding all of CamVid is too slow
             image, mask = ds.read(i)
@@ -439,6 +486,25 @@ def test_shared_datasets_through_their_presets(preset, sizes, classes):
             assert tuple(image.shape[1:]) == tuple(meta["image_size_hw"])
             values = set(mask.unique().tolist())
             assert values <= set(range(len(classes))) | {255} and len(values) >= 2
-    if not c.test_split:
-        with pytest.raises(data.DataError, match="data.test_split is empty"):
-            data.build(c, "test")
+
+
+@pytest.mark.skipif(not _staged("camvid"), reason="shared datasets absent")
+def test_camvid_preset_evaluates_the_test_split_only_when_the_folder_has_one(tmp_path):
+    """The shared copy withholds SegNet's test split: it is skipped with a warning naming the
+    field; a folder that has one gets it evaluated."""
+    c = presets.apply(common.get_base_config(), "camvid").data
+    c.storage = "raw"
+    with pytest.warns(UserWarning, match=r"no test split.*data.test_optional.*"
+                                         r"data.test_split='test'"):
+        splits = data.build_splits(c)
+    assert set(splits) == {"train", "val"}
+    c.test_optional = False
+    with pytest.raises(data.DataError, match=r"data.test_split='test'"):
+        data.build_splits(c)
+    # a SegNet-layout CamVid with its test split: the same preset evaluates it
+    root = tmp_path / "CamVid"
+    for split in ("train", "val", "test"):
+        save(root / f"{split}/x.png", rgb(1))
+        save(root / f"{split}annot/x.png", labels(2, 12, ignore=False))
+    c.root, c.test_optional = str(tmp_path), True
+    assert set(data.build_splits(c)) == {"train", "val", "test"}

@@ -3,6 +3,7 @@ of mistake reported as one line on stderr (seg/cli.py)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,21 @@ def test_config_files_that_do_not_load_are_one_line_errors(tmp_path):
                            f"--workdir={tmp_path / 'w'}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert _one_line_error(proc).startswith("error: unknown dataset preset 'nope'")
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_dataset_that_is_not_there_is_a_one_line_error(tmp_path):
+    """A preset as a user runs it, on a machine whose $SEG_DATASETS lacks the dataset: one
+    line naming the folder looked in, the field and the variable; nothing written."""
+    missing = tmp_path / "datasets"
+    proc = subprocess.run([sys.executable, "experiments/train.py",
+                           "--config=configs/pspnet.py:cityscapes", f"--workdir={tmp_path / 'w'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SEG_DATASETS": str(missing)})
+    assert _one_line_error(proc) == (
+        f"error: '{missing / 'cityscapes'}' ($SEG_DATASETS/<data.dirname='cityscapes'>; "
+        f"data.root unset): no such folder; set --config.data.root=<Cityscapes folder with "
+        f"leftImg8bit/ and gtFine/> or SEG_DATASETS=<folder holding cityscapes/>")
     assert not (tmp_path / "w").exists()
 
 

@@ -1,23 +1,27 @@
 """Datasets: `build(config.data, split)` returns one split as a SegDataset (seg/data/dataset.py);
 `build_splits(config.data)` every split a run uses, each with its augmentation.
 
-data.name: synthetic (generated, the default) | folder | camvid | voc | pets (read from
-data.root, never downloaded). split "train" / "val" / "test" reads the dataset's split named by
-data.train_split / val_split / test_split. Readers: folder.py (folder, camvid), voc.py, pets.py;
-shared decoding and checks: files.py; memmap / hdf5 caches (data.storage): cache.py.
+data.name: synthetic (generated, the default) | folder | camvid | voc | pets | cityscapes |
+ade20k (read from data.root or $SEG_DATASETS/<data.dirname> (roots.py), never downloaded).
+split "train" / "val" / "test" reads the dataset's split named by data.train_split / val_split /
+test_split. Readers: folder.py (folder, camvid), voc.py, pets.py, cityscapes.py, ade20k.py;
+stored label values -> classes: labels.py; shared decoding and checks: files.py; memmap / hdf5
+caches (data.storage): cache.py.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, NamedTuple
 
-from seg.data import augment, cache, camvid, files, folder, pets, voc
+from seg.data import ade20k, augment, cache, camvid, cityscapes, files, folder, pets, roots, voc
 from seg.data.dataset import DatasetInfo, SegDataset
 from seg.data.files import DataError
 from seg.data.synthetic import CLASS_NAMES, IGNORE_INDEX, generate
 
 SPLITS = ("train", "val", "test")
 READERS = {"folder": folder.open_folder, "camvid": camvid.open_camvid, "voc": voc.open_voc,
-           "pets": pets.open_pets}
+           "pets": pets.open_pets, "cityscapes": cityscapes.open_cityscapes,
+           "ade20k": ade20k.open_ade20k}
 DATASETS = ("synthetic", *READERS)
 
 
@@ -28,6 +32,10 @@ def build(data_cfg, split: str) -> SegDataset:
         raise ValueError(f"split={split!r} is not one of {SPLITS}")
     if data_cfg.name == "synthetic":
         return _synthetic(data_cfg, split)
+    if data_cfg.name != "folder" and (data_cfg.get("reduce_zero_label")
+                                      or data_cfg.get("label_map")):
+        raise ValueError(f"data.reduce_zero_label / data.label_map apply to data.name='folder'; "
+                         f"the {data_cfg.name} reader maps its own label values")
     ds = READERS[data_cfg.name](data_cfg, f"{split}_split")
     if data_cfg.verify:
         files.verify(ds)
@@ -40,7 +48,8 @@ class Split(NamedTuple):
 
 
 def build_splits(data_cfg) -> dict[str, Split]:
-    """{"train", "val"[, "test"]: Split}; the test split is left out when data.test_split is "".
+    """{"train", "val"[, "test"]: Split}; the test split is left out when data.test_split is "",
+    or, with data.test_optional, when the dataset's folder has no such split (with a warning).
     The dataset must have data.num_classes classes."""
     for field in ("train_split", "val_split"):
         if not data_cfg[field]:
@@ -48,7 +57,13 @@ def build_splits(data_cfg) -> dict[str, Split]:
     splits = {}
     for role in SPLITS:
         if data_cfg[f"{role}_split"]:
-            dataset = build(data_cfg, role)
+            try:
+                dataset = build(data_cfg, role)
+            except roots.MissingSplit as e:
+                if role != "test" or not data_cfg.get("test_optional", False):
+                    raise
+                warnings.warn(f"no test split, so no test evaluation (data.test_optional): {e}")
+                continue
             make = augment.train_transform if role == "train" else augment.eval_transform
             splits[role] = Split(dataset, make(data_cfg, dataset.info))
     info = splits["train"].dataset.info

@@ -8,7 +8,7 @@ images (N, 3, H, W) and one of masks (N, H, W), so a read is a slice instead of 
                     Training then crops within that square and evaluation sees the centre crop,
                     unlike data.storage=raw, which keeps the whole (resized) image.
 Layout under data.cache_dir, named by dataset, split and a digest of the key (dataset, root,
-split, preprocessing, classes):
+split, preprocessing, classes, label map):
   memmap  <name>-<split>-<digest>.memmap/{images.npy, masks.npy, meta.json}   (numpy only)
   hdf5    <name>-<split>-<digest>.h5, datasets images / masks, attribute meta  (needs h5py)
 A cache is written under a temporary name and renamed into place, with its meta written last;
@@ -28,6 +28,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from seg.data import roots
 from seg.data.dataset import SegDataset
 from seg.data.files import DataError, PairedFiles
 
@@ -160,8 +161,11 @@ def cached(raw: PairedFiles, data_cfg, split: str) -> SegDataset:
     if not data_cfg.cache_dir:
         raise DataError(f"data.storage={data_cfg.storage!r} needs data.cache_dir, a folder "
                         f"where the cache is written")
-    key = dict(version=VERSION, name=data_cfg.name, root=os.path.abspath(data_cfg.root),
+    key = dict(version=VERSION, name=data_cfg.name,
+               root=os.path.abspath(roots.dataset_root(data_cfg)),
                sbd_root=data_cfg.sbd_root, split=split, resize=data_cfg.resize,
+               reduce_zero_label=data_cfg.get("reduce_zero_label", False),
+               label_map=[list(p) for p in data_cfg.get("label_map", ())],
                classes=list(raw.info.class_names), ignore_index=raw.info.ignore_index)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(data_cfg.cache_dir, f"{raw.info.name}-{split}-{digest}{fmt.suffix}")

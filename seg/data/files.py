@@ -17,6 +17,7 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from seg.data.dataset import DatasetInfo, SegDataset
+from seg.data.roots import MissingSplit
 from seg.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -182,28 +183,6 @@ def check_num_classes(data_cfg, num_classes: int, where: str) -> None:
                         f"{num_classes} classes: set --config.data.num_classes={num_classes}")
 
 
-def root_dir(data_cfg, layout: str) -> str:
-    """data.root, which must be an existing folder; `layout` says what it should hold."""
-    root = data_cfg.get("root")
-    if not root:
-        raise DataError(f"data.root is not set: data.name={data_cfg.name!r} needs "
-                        f"--config.data.root=<{layout}>")
-    if not os.path.isdir(root):
-        raise DataError(f"data.root={root!r}: no such folder; set --config.data.root=<{layout}>")
-    return root
-
-
-def find_root(data_cfg, candidates: Sequence[str], marker: str, layout: str) -> str:
-    """The first of `candidates` (folders under data.root) holding `marker`."""
-    root = root_dir(data_cfg, layout)
-    for folder in candidates:
-        if os.path.exists(os.path.join(root, folder, marker)):
-            return os.path.join(root, folder) if folder else root
-    searched = ", ".join(os.path.join(root, f, marker) for f in candidates)
-    raise DataError(f"data.root={root!r}: no {layout} found (searched {searched}); "
-                    f"set --config.data.root")
-
-
 def split_value(data_cfg, split_field: str) -> str:
     value = data_cfg[split_field]
     if not value:
@@ -230,4 +209,4 @@ def read_lines(path: str, split_field: str = "") -> list[str]:
         if not split_field:
             raise DataError(f"{path}: file not found") from None
         names = sorted(f[:-4] for f in os.listdir(os.path.dirname(path)) if f.endswith(".txt"))
-        raise DataError(f"{path} not found: set {split_field} to one of {names}") from None
+        raise MissingSplit(f"{path} not found: set {split_field} to one of {names}") from None

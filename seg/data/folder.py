@@ -4,12 +4,15 @@
   <root>/<split>/masks/<stem>.png          class indices, paired with the image by stem
   <root>/classes.json                      optional: classes, palette, ignore_index,
                                            stats.train_rgb_mean / train_rgb_std
+Masks hold the class indices, or other values mapped by data.reduce_zero_label (0 ignored, k ->
+class k - 1) or data.label_map ((stored value, class) pairs), so datasets stored as PNG ids are
+read without converting their files (seg/data/labels.py).
 """
 from __future__ import annotations
 
 import os
 
-from seg.data import files
+from seg.data import files, labels, roots
 from seg.data.files import DataError, PairedFiles
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -17,17 +20,34 @@ _LAYOUT = "folder with <split>/images and <split>/masks"
 
 
 def open_folder(data_cfg, split_field: str) -> PairedFiles:
-    root = files.root_dir(data_cfg, _LAYOUT)
+    root = roots.root_dir(data_cfg, _LAYOUT)
     split = files.split_value(data_cfg, split_field)
     split_dir = os.path.join(root, split)
     if not os.path.isdir(os.path.join(split_dir, "images")):
         splits = sorted(d for d in os.listdir(root)
                         if os.path.isdir(os.path.join(root, d, "images")))
-        raise DataError(f"{split_dir}/images not found: data.{split_field}={split!r} is not a "
-                        f"split of data.root={root!r} (splits there: {splits})")
+        raise roots.MissingSplit(f"{split_dir}/images not found: data.{split_field}={split!r} "
+                                 f"is not a split of {roots.describe(data_cfg, root)} (splits "
+                                 f"there: {splits})")
     pairs = paired_by_stem(os.path.join(split_dir, "images"), os.path.join(split_dir, "masks"),
                            IMAGE_EXTS)
-    return PairedFiles(folder_info(data_cfg, root), pairs)
+    info = folder_info(data_cfg, root)
+    tables = label_tables(data_cfg, info.num_classes, info.ignore_index)
+    if tables is None:
+        return PairedFiles(info, pairs)
+    return PairedFiles(info, pairs, tables.allowed, tables.lut, tables.expected)
+
+
+def label_tables(data_cfg, num_classes: int, ignore_index: int) -> labels.LabelTables | None:
+    """The tables of data.reduce_zero_label or data.label_map; None when the stored values are
+    the class indices."""
+    reduce, pairs = data_cfg.get("reduce_zero_label", False), tuple(data_cfg.get("label_map", ()))
+    if reduce and pairs:
+        raise ValueError("data.reduce_zero_label=True and data.label_map are both set: "
+                         "use one (list 0 -> the ignore index in the map instead)")
+    if reduce:
+        return labels.reduce_zero_label(num_classes, ignore_index)
+    return labels.value_map(pairs, num_classes, ignore_index) if pairs else None
 
 
 def folder_info(data_cfg, root: str):

@@ -14,7 +14,7 @@ import os
 import torch
 from torch import Tensor
 
-from seg.data import files
+from seg.data import files, roots
 from seg.data.files import DataError, PairedFiles
 
 PET_CLASSES = ("background", "cat", "dog")
@@ -25,7 +25,7 @@ _PET, _BACKGROUND, _BORDER = 1, 2, 3   # trimap values
 
 
 def open_pets(data_cfg, split_field: str) -> PairedFiles:
-    root = files.find_root(data_cfg, [""], "annotations/trainval.txt",
+    root = roots.find_root(data_cfg, [""], "annotations/trainval.txt",
                            "Oxford-IIIT Pet folder with images/ and annotations/")
     split = files.split_value(data_cfg, split_field)
     if split not in SPLITS:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from seg.data import files
+from seg.data import files, roots
 from seg.data.files import DataError, PairedFiles
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
@@ -40,7 +40,7 @@ def voc_palette(n: int = 256) -> tuple[tuple[int, int, int], ...]:
 
 
 def open_voc(data_cfg, split_field: str) -> PairedFiles:
-    voc = files.find_root(data_cfg, ["VOCdevkit/VOC2012", "VOC2012", ""],
+    voc = roots.find_root(data_cfg, ["VOCdevkit/VOC2012", "VOC2012", ""],
                           "ImageSets/Segmentation", _LAYOUT)
     files.check_num_classes(data_cfg, len(VOC_CLASSES), "PASCAL VOC")
     if data_cfg.ignore_index != 255:
