@@ -96,9 +96,10 @@ def evaluate_run(workdir: str | os.PathLike, split: str = "val",
                  batch_size: int | None = None,
                  defaults: ml_collections.ConfigDict | None = None, **eval_settings) -> dict:
     """Restores the run's model, evaluates `split`, writes eval_<split>[_<tag>].json and returns
-    the record. checkpoint: "last" (default), "best" or a file. eval_settings: mode, window, stride, flip, scales (None: the run's own);
-    batch_size: images per eval batch (default: the run's train.eval_batch_size); defaults: the
-    current base config, filling fields added since the run was made."""
+    the record. checkpoint: "last" (default), "best" or a file. eval_settings: mode, window,
+    stride, flip, scales (None: the run's own); batch_size: images per eval batch (default: the
+    run's train.eval_batch_size); defaults: the current base config, filling fields added since
+    the run was made."""
     run = rundir.RunDir(workdir)
     cfg = run.config(defaults)
     set_eval(cfg, **eval_settings)

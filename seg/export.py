@@ -11,8 +11,9 @@ Writes, into the output folder:
                                                       weights_only=True))
   model.pt2        a torch.export program of the eval-mode network: normalised float32 images
                    (B, 3, H, W) -> main-head logits (B, num_outputs, H, W); batch, height and
-                   width dynamic where the network allows it (export.json says which sizes
-                   were checked). torch.export.load(path).module()(x); seg not needed.
+                   width dynamic, or where that fails its check, the batch only (export.json
+                   says which, and the shapes checked). torch.export.load(path).module()(x);
+                   seg not needed.
   model.onnx       the same in ONNX, when the optional onnx, onnxscript and onnxruntime
                    packages are installed (onnxruntime runs the numerical check).
   inference.json   the run's: the model's definition, classes, palette, normalisation.
@@ -20,14 +21,17 @@ Writes, into the output folder:
 
 Every file is checked before it is written: read back from its bytes, run on the same inputs
 as the run's functional forward (seg.train.make_infer, eval mode, float32, whole image), and
-refused (nothing written) when its logits differ by more than float rounding allows.
+refused (not written) when its logits differ by more than float rounding allows; the other
+formats are still written, and the error at the end names the refused one.
 Normalisation, sliding windows and TTA stay outside the network: inference.json holds the
 mean and std, and config.json the run's eval settings.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Callable
@@ -42,9 +46,11 @@ from seg.errors import ConfigError
 FORMATS = ("weights", "program", "onnx")
 # Largest logit difference a check accepts, relative to the largest logit (at least 1): the
 # exported graphs run the same float32 operations, some fused or decomposed differently
-# (BatchNorm folded into scale and shift, for one), so results move by a few ulp per layer;
-# ~1e-6 relative after 50-100 layers. 1e-4 leaves room for that and still catches a wrong
-# weight, a missing layer or a train-mode BatchNorm, which move logits by far more.
+# (BatchNorm folded into scale and shift, for one), which moves results by a few ulp per layer
+# (float32's ulp is 1.2e-7 relative): measured, 0 for torch.export and up to 1.5e-6 for
+# onnxruntime on tiny UNet, PSPNet, DeepLabV3 and FCN runs. 1e-4 leaves room for deeper nets
+# and still catches a wrong weight, a missing layer or a train-mode BatchNorm, which move the
+# logits by far more.
 RELATIVE_TOLERANCE = 1e-4
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
@@ -68,8 +74,9 @@ def export_run(workdir: str | os.PathLike, out: str | os.PathLike | None = None,
     """Exports the run in `workdir` (see the module docstring) and returns export.json's
     record. checkpoint: "last" (default), "best" or a file. size: (H, W) of the example input
     (default: data.crop_size, else data.image_size, rounded up to data.pad_multiple).
-    onnx_required: a missing ONNX package is an error (after the other files are written)
-    instead of a note."""
+    A format that fails its export or its check is left out and the others are written; the
+    ConfigError raised at the end names it. onnx_required: missing ONNX packages are such a
+    failure too, instead of a note."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ConfigError(f"--formats={','.join(formats)}: choose from {', '.join(FORMATS)}")
@@ -81,48 +88,75 @@ def export_run(workdir: str | os.PathLike, out: str | os.PathLike | None = None,
         raise ConfigError(f"--out={out} is a file, not a folder")
     state = {k: v.contiguous() for part in ("params", "buffers")
              for k, v in saved["state"][part].items()}
-    model = _plain_model(meta, state, source)
-    reference = _reference(meta, saved["state"])
-    examples = _examples(cfg, meta, size)
-    expected = [reference(x) for x in examples]
+    model = MainHead(_plain_model(meta, state, source)).eval()
+    check = _Check(_reference(meta, saved["state"]), _examples(cfg, meta, size))
     out.mkdir(parents=True, exist_ok=True)
     record = {"checkpoint": str(source), "step": int(saved["state"]["step"]),
               "input": "float32 (B, 3, H, W): (pixels / 255 - mean) / std, mean and std in "
                        "inference.json; H and W multiples of pad_multiple, as evaluation pads "
                        "images",
               "output": f"float32 (B, {meta['num_outputs']}, H, W) logits of the main head",
-              "checked_shapes": [list(x.shape) for x in examples], "files": {}, "max_diff": {},
-              "skipped": {}}
-    if "weights" in formats:
-        data = _bytes(lambda f: torch.save(state, f))
-        loaded = _plain_model(meta, torch.load(io.BytesIO(data), weights_only=True), source)
-        _write(out / "weights.pt", data, "weights", MainHead(loaded), examples, expected, record)
-    missing_onnx = None
-    if "program" in formats:
-        program = _program(MainHead(model), examples[0])
-        data = _bytes(lambda f: torch.export.save(program, f))
-        loaded = torch.export.load(io.BytesIO(data)).module()
-        record["dynamic"] = _dynamic_dims(program)
-        _write(out / "model.pt2", data, "program", loaded, examples, expected, record)
-    if "onnx" in formats:
-        missing_onnx = missing_onnx_packages()
-        if missing_onnx:
-            record["skipped"]["onnx"] = (f"needs the optional packages {', '.join(missing_onnx)}"
-                                         f" (pip install {' '.join(ONNX_PACKAGES)})")
-        else:
-            data = _onnx_bytes(MainHead(model), examples[0])
-            _write(out / "model.onnx", data, "onnx", _onnx_runner(data), examples, expected,
-                   record)
+              "checked_shapes": [list(x.shape) for x in check.examples], "files": {},
+              "max_diff": {}, "shapes": {}, "skipped": {}, "failed": {}}
+    writers = {"weights": lambda: _weights(out, state, meta, source, check, record),
+               "program": lambda: _traced(out / "model.pt2", "program", _program_file, model,
+                                          check, record),
+               "onnx": lambda: _traced(out / "model.onnx", "onnx", _onnx_file, model, check,
+                                       record)}
+    for kind in FORMATS:
+        if kind not in formats:
+            continue
+        if kind == "onnx" and (missing := missing_onnx_packages()):
+            why = (f"needs the optional packages {', '.join(missing)} (pip install "
+                   f"{' '.join(ONNX_PACKAGES)})")
+            record["failed" if onnx_required else "skipped"][kind] = why
+            continue
+        try:
+            writers[kind]()
+        except ConfigError as e:
+            record["failed"][kind] = str(e)
     rundir.write_json(out / "inference.json", meta)
     rundir.write_json(out / "export.json", record)
     for kind, path in record["files"].items():
-        log(f"{kind}: {path} (largest logit difference {record['max_diff'][kind]:.3g})")
+        log(f"{kind}: {path} ({record['shapes'][kind]}; largest logit difference "
+            f"{record['max_diff'][kind]:.3g})")
     for kind, why in record["skipped"].items():
         log(f"{kind}: skipped, {why}")
-    if missing_onnx and onnx_required:
-        raise ConfigError(f"--formats=onnx {record['skipped']['onnx']}; the other files are "
-                          f"written in {out}")
+    if record["failed"]:
+        raise ConfigError("; ".join(f"--formats={kind}: {why}" for kind, why in
+                                    record["failed"].items()) +
+                          f" (the other files are written in {out})")
     return record
+
+
+def _weights(out: Path, state: dict, meta: dict, source, check: "_Check", record: dict) -> None:
+    data = _bytes(lambda f: torch.save(state, f))
+    loaded = _plain_model(meta, torch.load(io.BytesIO(data), weights_only=True), source)
+    worst = check("weights", MainHead(loaded).eval(), check.examples)
+    _write(out / "weights.pt", data, "weights", worst, "any shape the network takes", record)
+
+
+def _traced(path: Path, kind: str, make: Callable, model: nn.Module, check: "_Check",
+            record: dict) -> None:
+    """Exports with batch, height and width dynamic and checks both example shapes; when that
+    fails (a network whose graph fixes the image size, or an exporter that does), exports with
+    the batch dynamic only and checks the first example's size."""
+    first = check.examples[0]
+    attempts = [(("batch", "height", "width"), check.examples,
+                 "dynamic batch, height and width"),
+                (("batch",), [first, first[:1]],
+                 f"dynamic batch; height and width fixed at {first.shape[2]}x{first.shape[3]}")]
+    error = None
+    for free, examples, label in attempts:
+        try:
+            data, run_it = make(model, first, free)
+            worst = check(kind, run_it, examples)
+        except ConfigError as e:
+            error = e
+            continue
+        _write(path, data, kind, worst, label, record)
+        return
+    raise error
 
 
 def missing_onnx_packages() -> list[str]:
@@ -165,37 +199,56 @@ def _examples(cfg, meta: dict, size) -> list[Tensor]:
     return [torch.randn(2, 3, h, w, generator=g), torch.randn(1, 3, h + m, w + 2 * m, generator=g)]
 
 
-def _program(module: nn.Module, example: Tensor):
-    """torch.export of the network with batch, height and width left to torch.export
-    (Dim.AUTO: dynamic unless the network fixes them)."""
-    auto = torch.export.Dim.AUTO
-    with torch.no_grad():
-        return torch.export.export(module, (example,),
-                                   dynamic_shapes={"images": {0: auto, 2: auto, 3: auto}})
+def _dynamic(free: tuple[str, ...]) -> dict:
+    """dynamic_shapes for the input `images`: the named dimensions left to torch.export
+    (Dim.AUTO: dynamic unless the network fixes them), the others static."""
+    dims = {"batch": 0, "height": 2, "width": 3}
+    return {"images": {dims[d]: torch.export.Dim.AUTO for d in free}}
 
 
-def _dynamic_dims(program) -> list[str]:
-    """Which input dimensions the program leaves free."""
-    placeholder = next(n for n in program.graph.nodes if n.op == "placeholder"
-                       and n.name in program.graph_signature.user_inputs)
-    shape = placeholder.meta["val"].shape
-    return [name for name, d in zip(("batch", "channels", "height", "width"), shape)
-            if not isinstance(d, int)]
+def _program_file(model: nn.Module, example: Tensor, free: tuple[str, ...]):
+    """(bytes of the torch.export program, the program read back from them)."""
+    try:
+        with torch.no_grad():
+            program = torch.export.export(model, (example,), dynamic_shapes=_dynamic(free))
+    except Exception as e:  # noqa: BLE001 - an op or a shape torch.export cannot capture
+        raise ConfigError(f"torch.export fails: {type(e).__name__}: {_short(e)}") from None
+    data = _bytes(lambda f: torch.export.save(program, f))
+    return data, torch.export.load(io.BytesIO(data)).module()
 
 
-def _onnx_bytes(module: nn.Module, example: Tensor) -> bytes:
-    auto = torch.export.Dim.AUTO
-    with torch.no_grad():
-        program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"],
-                                    output_names=["logits"],
-                                    dynamic_shapes={"images": {0: auto, 2: auto, 3: auto}})
-    return program.model_proto.SerializeToString()
+def _onnx_file(model: nn.Module, example: Tensor, free: tuple[str, ...]):
+    """(bytes of the ONNX model, an onnxruntime session over them)."""
+    try:
+        with torch.no_grad(), _quiet("onnxscript", "onnx_ir"):  # one INFO line per rewrite
+            program = torch.onnx.export(model, (example,), dynamo=True, verbose=False,
+                                        input_names=["images"], output_names=["logits"],
+                                        dynamic_shapes=_dynamic(free))
+        data = program.model_proto.SerializeToString()
+    except Exception as e:  # noqa: BLE001 - an op the ONNX exporter does not translate
+        raise ConfigError(f"the ONNX exporter fails: {type(e).__name__}: {_short(e)}") from None
+    return data, _onnx_runner(data)
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    """Those loggers at WARNING for the duration (absl's app sets the root logger to INFO)."""
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _onnx_runner(data: bytes) -> Callable[[Tensor], Tensor]:
     import onnxruntime   # optional: only when the packages are installed
 
-    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 4   # fatal only: a failed run comes back as our one error line
+    session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
@@ -206,28 +259,49 @@ def _bytes(save: Callable) -> bytes:
     return buffer.getvalue()
 
 
-def _write(path: Path, data: bytes, kind: str, run_it: Callable[[Tensor], Tensor],
-           examples: list[Tensor], expected: list[Tensor], record: dict) -> None:
-    """Writes `data` to `path` atomically once `run_it` (the file read back) reproduces the
-    functional forward's logits on every example; ConfigError naming the file otherwise."""
-    worst = 0.0
-    with torch.no_grad():
-        for x, want in zip(examples, expected):
-            try:
-                got = run_it(x)
-            except Exception as e:  # noqa: BLE001 - e.g. a guard of the exported graph
-                raise ConfigError(f"{kind} export fails on input {tuple(x.shape)}: "
-                                  f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-                                  ) from None
-            if got.shape != want.shape:
-                raise ConfigError(f"{kind} export gives {tuple(got.shape)} for "
-                                  f"{tuple(x.shape)}, the run {tuple(want.shape)}")
-            diff = float((got.float() - want).abs().max())
-            limit = RELATIVE_TOLERANCE * max(1.0, float(want.abs().max()))
-            if not diff <= limit:
-                raise ConfigError(f"{kind} export differs from the run's forward by {diff:.3g} "
-                                  f"(> {limit:.3g}) on input {tuple(x.shape)}; not written")
-            worst = max(worst, diff)
+class _Check:
+    """Runs an exported model on example inputs against the run's functional forward."""
+
+    def __init__(self, reference: Callable[[Tensor], Tensor], examples: list[Tensor]):
+        self.reference, self.examples, self._expected = reference, examples, {}
+
+    def __call__(self, kind: str, run_it: Callable[[Tensor], Tensor],
+                 examples: list[Tensor]) -> float:
+        """The largest logit difference over `examples`; ConfigError naming the format when
+        it fails to run or differs by more than RELATIVE_TOLERANCE allows."""
+        worst = 0.0
+        with torch.no_grad():
+            for x in examples:
+                want = self._want(x)
+                try:
+                    got = run_it(x)
+                except Exception as e:  # noqa: BLE001 - e.g. a guard of the exported graph
+                    raise ConfigError(f"{kind} export fails on input {tuple(x.shape)}: "
+                                      f"{type(e).__name__}: {_short(e)}") from None
+                if got.shape != want.shape:
+                    raise ConfigError(f"{kind} export gives {tuple(got.shape)} for "
+                                      f"{tuple(x.shape)}, the run {tuple(want.shape)}")
+                diff = float((got.float() - want).abs().max())
+                limit = RELATIVE_TOLERANCE * max(1.0, float(want.abs().max()))
+                if not diff <= limit:
+                    raise ConfigError(f"{kind} export differs from the run's forward by "
+                                      f"{diff:.3g} (> {limit:.3g}) on input {tuple(x.shape)}; "
+                                      "not written")
+                worst = max(worst, diff)
+        return worst
+
+    def _want(self, x: Tensor) -> Tensor:
+        key = (x.data_ptr(), tuple(x.shape))
+        if key not in self._expected:
+            self._expected[key] = self.reference(x)
+        return self._expected[key]
+
+
+def _write(path: Path, data: bytes, kind: str, worst: float, shapes: str, record: dict) -> None:
     rundir.replace_atomically(path, lambda f: f.write(data), binary=True)
-    record["files"][kind] = str(path)
-    record["max_diff"][kind] = worst
+    record["files"][kind], record["max_diff"][kind], record["shapes"][kind] = \
+        str(path), worst, shapes
+
+
+def _short(e: Exception) -> str:
+    return " ".join(str(e).split())[:300]

@@ -53,7 +53,7 @@ def train_and_evaluate(cfg, workdir: str | os.PathLike) -> dict:
                         tensorboard=cfg.train.tensorboard)
         cfg.lock()
         for c in changed:
-            writer.print(f"changed on resume (plays no part in the numbers): {c}")
+            writer.print(f"changed on resume: {c}")
         for line in exp.init_report.lines() if exp.init_report else ():
             writer.print(line)
         if world.writes:

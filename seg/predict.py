@@ -239,7 +239,7 @@ def _check_state(state: dict, model: torch.nn.Module) -> None:
 def predict_run(workdir: str | os.PathLike, inputs: Sequence[str], out: str | os.PathLike,
                 checkpoint: str | None = None, batch_size: int = 8, workers: int = 0,
                 overlay: bool = True, probabilities: bool = False,
-                defaults=None, log: Callable[[str], None] = print,
+                defaults=None, log: Callable[[str], None] = lambda line: print(line, flush=True),
                 warn: Callable[[str], None] | None = None, **eval_settings) -> dict:
     """Segments every image of `inputs` (files, folders, globs) with the run in `workdir` and
     writes the outputs (module docstring) to `out`; returns what predictions.json holds.

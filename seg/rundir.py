@@ -168,8 +168,10 @@ class RunDir:
         """Raises ConfigError when the path cannot be a run directory (it, or a folder above
         it, is a file) or when it holds a run whose config differs from `cfg` in a field that
         changes the run's numbers (resuming would mix two runs); the message lists each such
-        field with its old and new value. Returns the fields of RESUMABLE_FIELDS that differ,
-        as "field old -> new": they may change on resume."""
+        field with its old and new value. Returns the differences a run may resume with, each
+        as "field old -> new (why)": a field of RESUMABLE_FIELDS, or one that only one of the
+        two configs has (added to or removed from the code since the run was made, so the run
+        computed what the code did without it)."""
         for p in (self.path, *self.path.parents):
             if p.exists() and not p.is_dir():
                 raise ConfigError(f"workdir {self.path}: {p} is a file, not a folder")
@@ -177,16 +179,22 @@ class RunDir:
             return []
         saved, new = config_lib.flatten(read_json(self.config_file)), \
             config_lib.flatten(to_jsonable(cfg))
-        changes = {k: f"{k} {_shown(saved, k)} -> {_shown(new, k)}"
-                   for k in config_lib.diff(saved, new)}
-        refused = [text for k, text in changes.items() if k not in RESUMABLE_FIELDS]
+        allowed, refused = [], []
+        for k in config_lib.diff(saved, new):
+            change = f"{k} {_shown(saved, k)} -> {_shown(new, k)}"
+            if k in RESUMABLE_FIELDS:
+                allowed.append(f"{change} (plays no part in the numbers)")
+            elif k not in saved or k not in new:
+                allowed.append(f"{change} (a field the run's code did not have)")
+            else:
+                refused.append(change)
         if refused:
             raise ConfigError(
                 f"{self.path} holds a run with another config ({'; '.join(refused)}): "
                 f"{'this changes' if len(refused) == 1 else 'these change'} what the run "
                 f"computes, so it cannot resume with {'it' if len(refused) == 1 else 'them'}; "
                 f"use a new workdir (only {', '.join(RESUMABLE_FIELDS)} may change on resume)")
-        return list(changes.values())
+        return allowed
 
     def write_config(self, cfg) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -74,8 +74,8 @@ def test_the_best_weights_are_kept_and_evaluate_reproduces_their_eval(finished):
     assert last["step"] == 4
 
 
-def test_a_resumed_run_drops_the_best_weights_of_steps_it_redoes(finished, tmp_path,
-                                                               monkeypatch):
+def test_a_resumed_run_drops_the_best_weights_of_steps_it_redoes(
+        finished, tmp_path, monkeypatch):
     """Killed after the eval of step 4 wrote its best weights but before the step-4 checkpoint:
     the run resumes from step 2, whose history knows only the eval of step 2, so the killed
     run's best file of step 4 must not survive (on a GPU the redone steps can differ). Here it

@@ -81,9 +81,10 @@ def test_weights_and_program_give_the_runs_own_logits(run_dir, tmp_path):
         model_out = model(other)["out"]
         assert (program(other) - model_out).abs().max() <= \
             export.RELATIVE_TOLERANCE * model_out.abs().max()
-    assert record["dynamic"] == ["batch", "height", "width"]
+    assert record["shapes"]["program"] == "dynamic batch, height and width"
     assert record["step"] == 3 and record["max_diff"]["weights"] == 0.0
-    assert lines[0] == f"weights: {out / 'weights.pt'} (largest logit difference 0)"
+    assert lines[0] == (f"weights: {out / 'weights.pt'} (any shape the network takes; largest "
+                        "logit difference 0)")
 
 
 def test_without_onnx_the_other_files_are_written_and_asking_for_it_is_an_error(
@@ -96,8 +97,8 @@ def test_without_onnx_the_other_files_are_written_and_asking_for_it_is_an_error(
     assert lines[-1] == "onnx: skipped, needs the optional packages onnx (pip install onnx " \
                         "onnxscript onnxruntime)"
     assert sorted(record["files"]) == ["weights"] and "onnx" in record["skipped"]
-    with pytest.raises(errors.ConfigError, match=r"--formats=onnx needs the optional packages "
-                       r"onnx \(pip install onnx onnxscript onnxruntime\); the other files"):
+    with pytest.raises(errors.ConfigError, match=r"--formats=onnx: needs the optional packages "
+                       r"onnx \(pip install onnx onnxscript onnxruntime\) \(the other files"):
         export.export_run(run_dir, tmp_path / "asked", formats=("weights", "onnx"),
                           onnx_required=True, defaults=common.get_base_config(),
                           log=lambda line: None)
@@ -129,3 +130,23 @@ def test_export_command_best_checkpoint(run_dir, tmp_path):
     record = json.loads((tmp_path / "export.json").read_text())
     assert record["checkpoint"].endswith("best_00000003.pt")
     assert "weights: " in proc.stdout and sorted(record["files"]) == ["weights"]
+
+
+def test_a_graph_that_fixes_the_image_size_is_exported_at_the_example_size(
+        run_dir, tmp_path, monkeypatch):
+    real = export._program_file
+
+    def size_fixed(model, example, free):   # as ONNX's adaptive pooling in PSPNet does
+        data, program = real(model, example, free)
+
+        def run(x):
+            if x.shape[-2:] != example.shape[-2:]:
+                raise RuntimeError(f"Guard failed: height == {example.shape[-2]}")
+            return program(x)
+        return data, run
+
+    monkeypatch.setattr(export, "_program_file", size_fixed)
+    record = export.export_run(run_dir, tmp_path, formats=("program",),
+                               defaults=common.get_base_config(), log=lambda line: None)
+    assert record["shapes"]["program"] == "dynamic batch; height and width fixed at 32x32"
+    assert (tmp_path / "model.pt2").exists() and record["failed"] == {}

@@ -3,9 +3,6 @@ torchvision's segmentation weights, strictly, with the classifier layers re-init
 named) when the number of classes differs."""
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
 import torchvision

@@ -186,11 +186,11 @@ def test_inputs_are_files_folders_and_globs(tmp_path):
     found, problems = predict.collect([str(tmp_path / "a"), str(tmp_path / "*/x.png"),
                                        str(tmp_path / "c.bmp"), str(tmp_path / "nope"),
                                        str(tmp_path / "*.gif")])
-    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/x.png", "a/y.JPG",
-                                                                    "b/x.png", "c.bmp"]
+    found = [p.relative_to(tmp_path).as_posix() for p in found]
+    assert found == ["a/x.png", "a/y.JPG", "b/x.png", "c.bmp"]
     assert problems == [(str(tmp_path / "nope"), "no such file or folder"),
                         (str(tmp_path / "*.gif"), "matches no file")]
-    assert predict.output_names(found) == ["x", "y", "x-2", "c"]
+    assert predict.output_names([tmp_path / p for p in found]) == ["x", "y", "x-2", "c"]
 
 
 def test_a_failed_write_leaves_no_part_of_an_image(run_dir, tmp_path, monkeypatch):
