@@ -63,6 +63,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     # "" = random init; a torchvision weight name (IMAGENET1K_V1: read from the torch hub cache,
     # never downloaded) or a file path, loaded into the model's `backbone`.
     c.model.backbone_weights = ""
+    # "" = none. Start from trained weights: a seg run directory (its newest checkpoint), a
+    # checkpoint or exported weights file, or torchvision's segmentation weights by model name
+    # (fcn_resnet50, deeplabv3_resnet50, ...: read from the torch hub cache, never downloaded).
+    # Strict: every tensor must fit, except the classifier layers when the number of classes
+    # differs, which keep their fresh init (named in the startup output).
+    c.model.init_from = ""
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "cross_entropy"          # cross_entropy | focal | bce | bce_soft_iou | dice
@@ -100,6 +106,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 250
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 3
+    # val metric whose best weights are kept (checkpoints/best_<step>.pt, params and buffers
+    # only): highest wins, lowest for a key containing "loss"; "" = keep none
+    c.train.best_metric = "miou"
     c.train.freeze = ()                    # module paths whose params get no gradient, e.g. ("backbone",)
     c.train.compile = False                # torch.compile the steps
     c.train.precision = "fp32"             # fp32 | bf16 (autocast forward; fp32 weights, loss, metrics)

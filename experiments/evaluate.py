@@ -5,6 +5,7 @@ optional test-time augmentation, and writes <workdir>/eval_<split>[_<tag>].json.
   python experiments/evaluate.py runs/psp --split=test --mode=slide --window=48,48 --stride=32,32
   python experiments/evaluate.py runs/psp --split=val --flip --scales=0.75,1,1.25 --tag=tta
   python experiments/evaluate.py runs/psp --checkpoint=runs/psp/checkpoints/ckpt_00000500.pt
+  python experiments/evaluate.py runs/psp --split=test --checkpoint=best
 
 The model, data, precision and eval settings come from the run's config.json; each flag
 overrides one setting. The record holds the metrics, the confusion matrix, the eval settings
@@ -16,8 +17,9 @@ from configs import common
 from seg import cli, evaluation, inference
 
 _SPLIT = flags.DEFINE_enum("split", "val", ["train", "val", "test"], "The split to evaluate.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoint file (default: the newest "
-                                  "readable one in <workdir>/checkpoints).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "last", "last: the newest readable checkpoint; "
+                                  "best: the weights of the best val eval (train.best_metric); "
+                                  "or a checkpoint file.")
 _TAG = flags.DEFINE_string("tag", "", "Names the record eval_<split>_<tag>.json.")
 _MODE = flags.DEFINE_enum("mode", None, list(inference.MODES), "eval.mode: whole or slide.")
 _WINDOW = flags.DEFINE_list("window", None, "eval.window: H,W of the sliding window.")

@@ -77,16 +77,30 @@ def _numbers(values, kind, field):
                           ) from None
 
 
-def restore(run: rundir.RunDir, checkpoint: str | os.PathLike | None, device) -> dict:
-    """The payload of `checkpoint`, or of the run's newest readable checkpoint."""
-    if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise ConfigError(f"--checkpoint={checkpoint} is not a file")
-        return rundir.load_checkpoint(checkpoint, map_location=device)
-    saved = run.restore_checkpoint(map_location=device)
-    if saved is None:
-        raise ConfigError(f"no readable checkpoint in {run.checkpoints}")
-    return saved
+def restore(run: rundir.RunDir, checkpoint: str | os.PathLike | None, device
+            ) -> tuple[dict, Path]:
+    """(payload, file) of `checkpoint`: "last" (or None) the run's newest readable checkpoint,
+    "best" its weights of the best val eval (train.best_metric), else a file. The payload's
+    "state" holds "step", "params" and "buffers" in every case."""
+    if checkpoint is None or str(checkpoint) == "last":
+        found = run.newest_readable(map_location=device)
+        if found is None:
+            raise ConfigError(f"no readable checkpoint in {run.checkpoints}")
+        return found
+    if str(checkpoint) == "best":
+        path = run.best_checkpoint()
+        if path is None:
+            raise ConfigError(f"--checkpoint=best: no best_<step>.pt in {run.checkpoints} (the "
+                              "run has no val eval yet, or train.best_metric='')")
+    else:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise ConfigError(f"--checkpoint={checkpoint} is not a file (nor best or last)")
+    try:
+        return rundir.load_checkpoint(path, map_location=device), path
+    except Exception as e:  # a truncated or foreign file: one line naming it
+        raise ConfigError(f"--checkpoint: {path} is not a readable checkpoint "
+                          f"({type(e).__name__}: {_first_line(e)})") from None
 
 
 def evaluate_run(workdir: str | os.PathLike, split: str = "val",
@@ -94,9 +108,10 @@ def evaluate_run(workdir: str | os.PathLike, split: str = "val",
                  batch_size: int | None = None,
                  defaults: ml_collections.ConfigDict | None = None, **eval_settings) -> dict:
     """Restores the run's model, evaluates `split`, writes eval_<split>[_<tag>].json and returns
-    the record. eval_settings: mode, window, stride, flip, scales (None: the run's own);
-    batch_size: images per eval batch (default: the run's train.eval_batch_size); defaults: the
-    current base config, filling fields added since the run was made."""
+    the record. checkpoint: "last" (default), "best" or a file. eval_settings: mode, window,
+    stride, flip, scales (None: the run's own); batch_size: images per eval batch (default: the
+    run's train.eval_batch_size); defaults: the current base config, filling fields added since
+    the run was made."""
     run = rundir.RunDir(workdir)
     cfg = run.config(defaults)
     set_eval(cfg, **eval_settings)
@@ -104,20 +119,20 @@ def evaluate_run(workdir: str | os.PathLike, split: str = "val",
         cfg.train.eval_batch_size = batch_size
     with config_errors():
         device = runtime.select_device(cfg.train.device, distributed.world_info({}))
-    saved = restore(run, checkpoint, device)
-    exp = experiment.build(cfg, device)
+    saved, source = restore(run, checkpoint, device)
+    exp = experiment.build(cfg, device, pretrained=False)
     if split not in exp.splits:
         raise ConfigError(f"split={split!r}: the dataset has no such split (data.{split}_split="
                           f"{cfg.data.get(split + '_split')!r})")
     state = saved["state"]
-    _check_keys(state, exp, checkpoint or run.checkpoints)
+    _check_keys(state, exp, source)
     eval_step = experiment.eval_step(cfg, exp.model, exp.loss_fn)
     result = evaluate_split(eval_step, state["params"], state["buffers"], exp.splits[split], cfg,
                             device)
     save_per_image(run, run.eval_file(split, tag).stem, result, exp.splits[split],
                    int(state["step"]), split)
     record = {"step": int(state["step"]), "split": split,
-              "checkpoint": str(checkpoint or run.checkpoints), "eval": cfg.eval.to_dict(),
+              "checkpoint": str(source), "eval": cfg.eval.to_dict(),
               "class_names": list(exp.info.class_names), **result}
     run.write_eval(record, tag)
     return record
@@ -153,6 +168,10 @@ def report(workdir, record: dict, tag: str = "") -> str:
             f"pixel_acc {_number(record['pixel_acc'])}  loss {_number(record['loss'])}\n"
             f"{per_class_table(record)}\n"
             f"-> {rundir.RunDir(workdir).eval_file(record['split'], tag)}")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def _number(v) -> str:

@@ -11,7 +11,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from seg import data, functional, inference, losses, models, optim
+from seg import data, functional, inference, init_from, losses, metrics, models, optim
+from seg import visualize
 from seg import train as steps
 from seg.data import DatasetInfo, Split, balance
 from seg.errors import ConfigError, config_errors
@@ -26,7 +27,8 @@ class Experiment(NamedTuple):
     buffers: Buffers
     loss_fn: losses.Loss
     num_outputs: int             # 1 for binary losses (one logit), else data.num_classes
-    class_weights: tuple | None  # measured on the train split for loss.class_balance
+    class_weights: tuple | None = None  # measured on the train split for loss.class_balance
+    init_report: init_from.Report | None = None   # what model.init_from loaded, if set
 
     @property
     def info(self) -> DatasetInfo:
@@ -38,21 +40,29 @@ def num_outputs(cfg) -> int:
     return 1 if cfg.loss.name in losses.BINARY_LOSSES else cfg.data.num_classes
 
 
-def build(cfg, device: torch.device, *, with_data: bool = True) -> Experiment:
+def build(cfg, device: torch.device, *, with_data: bool = True, pretrained: bool = True
+          ) -> Experiment:
     """Every piece of the run from `cfg`. A bad value raises ConfigError (DataError for data
-    on disk) naming the field; nothing is written. with_data=False leaves the splits empty."""
+    on disk) naming the field; nothing is written. with_data=False leaves the splits empty;
+    pretrained=False skips model.backbone_weights and model.init_from (for a caller that
+    restores the run's own weights next)."""
+    report = None
     with config_errors():
+        _check_init(cfg)
         splits = data.build_splits(cfg.data) if with_data else {}
         model, params, buffers = functional.init(
             lambda: models.build(cfg.model, num_outputs(cfg)), seed=cfg.seed, device=device)
-        if cfg.model.backbone_weights:
+        if pretrained and cfg.model.backbone_weights:
             params, buffers = _load_backbone(cfg, params, buffers)
+        if pretrained and cfg.model.get("init_from"):
+            params, buffers, report = _init_from(cfg, params, buffers)
         _check_modules(cfg, model)
         weights = None
         if cfg.loss.class_balance and with_data:
             weights = balance.median_frequency_weights(splits["train"].dataset)
         loss_fn = losses.build(cfg.loss, cfg.data.num_classes, class_weights=weights)
-    return Experiment(splits, model, params, buffers, loss_fn, num_outputs(cfg), weights)
+    return Experiment(splits, model, params, buffers, loss_fn, num_outputs(cfg), weights,
+                      report)
 
 
 def check(cfg) -> None:
@@ -60,6 +70,7 @@ def check(cfg) -> None:
     first trains: the builders of the model (on the meta device), loss, optimizer, steps and
     eval settings run and raise what they would raise in the run."""
     with config_errors():
+        _check_init(cfg)
         with torch.device("meta"):
             model = models.build(cfg.model, num_outputs(cfg))
         _check_modules(cfg, model)
@@ -78,6 +89,32 @@ def _load_backbone(cfg, params: Params, buffers: Buffers) -> tuple[Params, Buffe
                                   weights.load_backbone(cfg.model.backbone_weights, arch))
 
 
+def _check_init(cfg) -> None:
+    if cfg.model.get("init_from") and cfg.model.backbone_weights:
+        raise ValueError(f"model.init_from={cfg.model.init_from!r} and model.backbone_weights="
+                         f"{cfg.model.backbone_weights!r} are both set: init_from replaces every "
+                         "tensor, the backbone's too; set one")
+    best = cfg.train.get("best_metric", "")
+    if best and best not in EVAL_SCALARS:
+        raise ValueError(f"train.best_metric={best!r} is not one of {sorted(EVAL_SCALARS)} "
+                         "(or '' to keep no best weights)")
+
+
+# The scalar numbers of a val eval (seg.metrics.scores, and the loss): what
+# train.best_metric may name.
+EVAL_SCALARS = frozenset({"loss", *(k for k, v in metrics.scores(torch.eye(2)).items()
+                                    if not isinstance(v, list))})
+
+
+def _init_from(cfg, params: Params, buffers: Buffers):
+    source = init_from.load_source(cfg.model.init_from)
+    params, buffers, report = init_from.apply(params, buffers, source, num_outputs(cfg))
+    if source.torchvision and cfg.data.normalize != "imagenet":
+        report.notes.append(f"torchvision's weights were trained on ImageNet-normalised images; "
+                            f"this run has data.normalize={cfg.data.normalize!r}")
+    return params, buffers, report
+
+
 def _check_modules(cfg, model: nn.Module) -> None:
     """train.freeze and train.checkpoint_activations name parts the model must have."""
     for prefix in cfg.train.freeze:
@@ -90,6 +127,22 @@ def _check_modules(cfg, model: nn.Module) -> None:
             isinstance(m, models.CHECKPOINT_BLOCKS) for m in model.modules()):
         raise ConfigError(f"train.checkpoint_activations=True but model.name="
                           f"{cfg.model.name!r} has no ResNet or UNet block to recompute")
+
+
+def inference_meta(cfg, info: DatasetInfo) -> dict:
+    """What using the trained model needs besides its weights (the run directory's
+    inference.json): the model's definition (seg.models.build(meta["model"],
+    meta["num_outputs"])), the classes, their colours (the default palette when the dataset has
+    none), the ignore index, the normalisation, the eval preprocessing (data.resize, padding)
+    and the eval forward's settings."""
+    return {"model": {k: v for k, v in cfg.model.to_dict().items()
+                      if k == "name" or k not in models.INIT_FIELDS},
+            "num_outputs": num_outputs(cfg), "class_names": list(info.class_names),
+            "palette": visualize.palette_tensor(info.palette, info.num_classes).tolist(),
+            "ignore_index": info.ignore_index, "mean": list(info.mean), "std": list(info.std),
+            "resize": cfg.data.resize, "pad_multiple": cfg.data.pad_multiple,
+            "eval": cfg.eval.to_dict(), "precision": cfg.train.precision,
+            "channels_last": cfg.train.channels_last}
 
 
 def infer_options(cfg) -> dict:

@@ -46,14 +46,19 @@ def train_and_evaluate(cfg, workdir: str | os.PathLike) -> dict:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         exp = experiment.build(cfg, device)
-        run.check_usable(cfg)
+        changed = run.check_usable(cfg)
         world = World(info.rank, info.world_size,
                       stack.enter_context(distributed.process_group(info, device)))
         writer = Writer(run, exp.info.class_names, enabled=world.writes,
                         tensorboard=cfg.train.tensorboard)
         cfg.lock()
+        for c in changed:
+            writer.print(f"changed on resume: {c}")
+        for line in exp.init_report.lines() if exp.init_report else ():
+            writer.print(line)
         if world.writes:
             run.write_config(cfg)
+            run.write_inference(experiment.inference_meta(cfg, exp.info))
         return _Loop(cfg, run, exp, device, world, writer).run()
 
 
@@ -102,8 +107,12 @@ class _Loop:
                                       channels_last=cfg.train.channels_last)
         self.model_info = {"name": cfg.model.name, "params": functional.count(exp.params),
                            "trainable_params": sum(exp.params[k].numel() for k in trainable)}
-        self.window, self.evals, self.clock = LogWindow(device), EvalHistory(), Clock(device)
+        if exp.init_report is not None:
+            self.model_info["init_from"] = exp.init_report.to_json()
+        self.window, self.clock = LogWindow(device), Clock(device)
+        self.evals = EvalHistory(cfg.train.best_metric or "miou")
         self._saved_clock = None
+        self._checkpointed_best: int | None = None   # the best step the newest checkpoint knows
         self.rng = DropoutRng(cfg.seed, device, world.rank, world.size, world.group)
 
     # ------------------------------------------------------------------ resume
@@ -118,8 +127,14 @@ class _Loop:
             getattr(self, name).load_state_dict(saved[name])
         self._saved_clock = saved["clock"]  # loaded when the loop starts: setup is not timed
         step = int(self.state.step)
+        self._checkpointed_best = self._best_step()
+        if self.world.writes:  # best weights of the interrupted run's steps after this one go
+            self.rundir.prune_best(keep=(self._checkpointed_best,))
         self.writer.print(f"resumed from step {step} in {self.rundir.path}")
         return step
+
+    def _best_step(self) -> int | None:
+        return self.evals.best["step"] if self.evals.best else None
 
     def _save(self, step: int) -> None:
         """A checkpoint holds everything an exact resume needs, each piece saved by its owner;
@@ -129,6 +144,8 @@ class _Loop:
                    "rng": self.rng.state_dict()}  # a collective: every rank gathers
         if self.world.writes:
             self.rundir.save_checkpoint(step, payload, keep=self.cfg.train.keep_checkpoints)
+            self._checkpointed_best = self._best_step()
+            self.rundir.prune_best(keep=(self._checkpointed_best,))
             self.writer.summary(self.summary(step))
 
     # ------------------------------------------------------------------ the loop
@@ -221,8 +238,19 @@ class _Loop:
             evaluation.save_per_image(self.rundir, split, result, data, step, split)
         result.pop("per_image", None)
         record = {"step": step, "split": split, **result}
-        self.evals.add(record)
+        if self.evals.add(record) and self.cfg.train.best_metric and self.world.writes:
+            self._save_best(step, record)
         self.writer.record(record)
+
+    def _save_best(self, step: int, record: dict) -> None:
+        """checkpoints/best_<step>.pt: the weights of the new best val eval, no optimizer state.
+        The previous best file stays until the next checkpoint, whose eval history names this
+        one: a run resumed from the checkpoint before finds its own best weights there."""
+        key = self.cfg.train.best_metric
+        state = {"step": self.state.step, "params": self.state.params,
+                 "buffers": self.state.buffers}
+        self.rundir.save_best(step, {"state": state, "best": {"metric": key, key: record[key]}},
+                              keep_step=self._checkpointed_best)
 
     # ------------------------------------------------------------------ pictures
 
@@ -243,15 +271,18 @@ class _Loop:
         return picked
 
     def _draw(self, step: int, pictures: list) -> None:
-        """predictions/step_<step>.png: rows of image | ground truth | prediction."""
-        info, rows = self.exp.info, []
+        """predictions/step_<step>.png: rows of image | ground truth | prediction, titled, with
+        a legend (seg.visualize.prediction_picture)."""
+        info, shown, masks, preds = self.exp.info, [], [], []
         palette = visualize.palette_tensor(info.palette, self.cfg.data.num_classes)
-        for images, masks in pictures:
+        for images, batch_masks in pictures:
             logits = self.infer(self.state.params, self.state.buffers, images)
-            shown = visualize.unnormalize(images, info.mean, info.std)
-            rows += visualize.prediction_rows(shown, masks, metrics.predict(logits),
-                                              palette, self.cfg.data.ignore_index)
-        self.writer.picture(step, visualize.grid(rows))
+            shown += visualize.unnormalize(images, info.mean, info.std)  # one per sample
+            masks += batch_masks
+            preds += metrics.predict(logits)
+        picture = visualize.prediction_picture(shown, masks, preds, palette, info.class_names,
+                                               self.cfg.data.ignore_index)
+        self.writer.picture(step, picture.pixels)
 
     # ------------------------------------------------------------------ summary
 

@@ -1,9 +1,11 @@
 """The run directory: the one module that writes and reads it.
 
   <workdir>/config.json          the resolved config
+  <workdir>/inference.json       what using the model needs: classes, palette, normalisation, ...
   <workdir>/metrics.jsonl        one JSON record per line, each with "step" and "split"
   <workdir>/summary.json         model, steps, times, throughput, last and best evals, environment
-  <workdir>/checkpoints/         ckpt_<step:08d>.pt: the train state and the loop's helpers
+  <workdir>/checkpoints/         ckpt_<step:08d>.pt: the train state and the loop's helpers;
+                                 best_<step:08d>.pt: params and buffers of the best val eval
   <workdir>/eval_<split>[_<tag>].json   evaluations of a finished run (experiments/evaluate.py)
   <workdir>/per_image/<name>.npz per-image counts of an evaluation (the loop's latest eval of
                                  each split: <split>.npz; evaluate.py's: eval_<split>[_<tag>].npz)
@@ -41,6 +43,13 @@ from seg.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 _CHECKPOINT = re.compile(r"^ckpt_(\d+)\.pt$")
+_BEST = re.compile(r"^best_(\d+)\.pt$")
+
+# Config fields that play no part in a run's numbers: a run may resume with them changed. Each
+# is how often something is reported or saved, or how the same batches are produced.
+RESUMABLE_FIELDS = ("data.workers", "data.prefetch", "data.verify", "train.log_every",
+                    "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+                    "train.num_pictures", "train.tensorboard")
 
 
 def to_jsonable(x: Any) -> Any:
@@ -74,11 +83,15 @@ def replace_atomically(path: str | os.PathLike, write: Callable, binary: bool = 
     """Calls write(file) on a temporary file next to `path`, syncs it and renames it over `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb" if binary else "w") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a failed write (disk full, a bad value) leaves nothing behind
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_directory(path.parent)
 
 
@@ -142,6 +155,7 @@ class RunDir:
     def __init__(self, workdir: str | os.PathLike):
         self.path = Path(workdir)
         self.config_file = self.path / "config.json"
+        self.inference_file = self.path / "inference.json"
         self.summary_file = self.path / "summary.json"
         self.checkpoints = self.path / "checkpoints"
         self.predictions = self.path / "predictions"
@@ -153,18 +167,37 @@ class RunDir:
 
     # ------------------------------------------------------------------ config
 
-    def check_usable(self, cfg=None) -> None:
+    def check_usable(self, cfg=None) -> list[str]:
         """Raises ConfigError when the path cannot be a run directory (it, or a folder above
-        it, is a file) or when it holds a run of another config (resuming would mix two runs)."""
+        it, is a file) or when it holds a run whose config differs from `cfg` in a field that
+        changes the run's numbers (resuming would mix two runs); the message lists each such
+        field with its old and new value. Returns the differences a run may resume with, each
+        as "field old -> new (why)": a field of RESUMABLE_FIELDS, or one that only one of the
+        two configs has (added to or removed from the code since the run was made, so the run
+        computed what the code did without it)."""
         for p in (self.path, *self.path.parents):
             if p.exists() and not p.is_dir():
                 raise ConfigError(f"workdir {self.path}: {p} is a file, not a folder")
         if cfg is None or not self.config_file.exists():
-            return
-        changed = config_lib.diff(read_json(self.config_file), to_jsonable(cfg))
-        if changed:
-            raise ConfigError(f"{self.path} holds a run with another config (differs in: "
-                              f"{', '.join(changed)}); use a new workdir")
+            return []
+        saved, new = config_lib.flatten(read_json(self.config_file)), \
+            config_lib.flatten(to_jsonable(cfg))
+        allowed, refused = [], []
+        for k in config_lib.diff(saved, new):
+            change = f"{k} {_shown(saved, k)} -> {_shown(new, k)}"
+            if k in RESUMABLE_FIELDS:
+                allowed.append(f"{change} (plays no part in the numbers)")
+            elif k not in saved or k not in new:
+                allowed.append(f"{change} (a field the run's code did not have)")
+            else:
+                refused.append(change)
+        if refused:
+            raise ConfigError(
+                f"{self.path} holds a run with another config ({'; '.join(refused)}): "
+                f"{'this changes' if len(refused) == 1 else 'these change'} what the run "
+                f"computes, so it cannot resume with {'it' if len(refused) == 1 else 'them'}; "
+                f"use a new workdir (only {', '.join(RESUMABLE_FIELDS)} may change on resume)")
+        return allowed
 
     def write_config(self, cfg) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -177,6 +210,23 @@ class RunDir:
             raise ConfigError(f"{self.config_file} does not exist: is {self.path} a run "
                               "directory?")
         return config_lib.from_dict(read_json(self.config_file), defaults)
+
+    # ------------------------------------------------------------------ inference
+
+    def write_inference(self, meta: dict) -> None:
+        """inference.json: what using the trained model needs besides its weights (class names,
+        palette, normalisation, ignore index, number of outputs, the eval forward's settings;
+        seg.experiment.inference_meta), written when the run starts."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json(self.inference_file, meta)
+
+    def inference(self) -> dict:
+        if not self.inference_file.exists():
+            hint = (" (a run made before inference.json existed: run train.py on it again with "
+                    "the same config, which writes it and changes nothing else)"
+                    if self.config_file.exists() else f": is {self.path} a run directory?")
+            raise ConfigError(f"{self.inference_file} does not exist{hint}")
+        return read_json(self.inference_file)
 
     # ------------------------------------------------------------------ summary
 
@@ -220,13 +270,46 @@ class RunDir:
     def restore_checkpoint(self, map_location="cpu") -> dict | None:
         """The newest readable checkpoint, or None when there is none; an unreadable one (a
         truncated file) is reported, naming it, and the one before it is tried."""
+        found = self.newest_readable(map_location)
+        return found[0] if found else None
+
+    def newest_readable(self, map_location="cpu") -> tuple[dict, Path] | None:
+        """(payload, file) of the newest readable checkpoint (see restore_checkpoint)."""
         for _, path in reversed(self.checkpoint_files()):
             try:
-                return load_checkpoint(path, map_location)
+                return load_checkpoint(path, map_location), path
             except Exception as e:  # a truncated or corrupt file: fall back to the previous one
                 warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: "
                               f"{_first_line(e)}); trying the previous one")
         return None
+
+    def best_files(self) -> list[tuple[int, Path]]:
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted((int(m.group(1)), p) for p in self.checkpoints.iterdir()
+                      if (m := _BEST.match(p.name)))
+
+    def best_checkpoint(self) -> Path | None:
+        """The weights of the best val eval so far: the newest best file (a best file is only
+        written when its eval beats the one before, and those of an interrupted run's future
+        are deleted on resume)."""
+        found = self.best_files()
+        return found[-1][1] if found else None
+
+    def save_best(self, step: int, payload: dict, keep_step: int | None) -> Path:
+        """Writes best_<step>.pt atomically and deletes the other best files but the one of
+        `keep_step` (the best of the newest checkpoint, which a resumed run starts from)."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoints / f"best_{step:08d}.pt"
+        replace_atomically(path, lambda f: torch.save(payload, f), binary=True)
+        self.prune_best(keep=(step, keep_step))
+        return path
+
+    def prune_best(self, keep: tuple[int | None, ...]) -> None:
+        """Deletes the best files whose step is not in `keep`."""
+        for step, path in self.best_files():
+            if step not in keep:
+                path.unlink()
 
     # ------------------------------------------------------------------ evals and pictures
 
@@ -281,6 +364,10 @@ def load_per_image(path: str | os.PathLike) -> PerImage:
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """A checkpoint file's payload (tensors, dicts, lists, numbers, strings only)."""
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _shown(flat: dict, key: str) -> str:
+    return json.dumps(flat[key]) if key in flat else "(absent)"
 
 
 def _first_line(e: Exception) -> str:

@@ -4,7 +4,7 @@ run continues each of them exactly:
 
   LogWindow    the train metrics between two log lines, summed on the device
   Clock        train time (evaluation and checkpointing paused out) and wall time
-  EvalHistory  the last eval of each split and the best val eval
+  EvalHistory  the last eval of each split and the best val eval (train.best_metric)
   DropoutRng   the global generators that dropout draws from, on every rank
 """
 from __future__ import annotations
@@ -128,28 +128,35 @@ class Clock:
 
 
 class EvalHistory:
-    """The last eval record of each split, and the best val record by mIoU (NaN never wins)."""
+    """The last eval record of each split, and the best val record by `key` (train.best_metric):
+    the highest, or the lowest for a loss (a key containing "loss", as mmengine's save_best
+    decides); a missing or NaN value never wins, and a tie keeps the earlier record."""
 
-    def __init__(self):
+    def __init__(self, key: str = "miou"):
+        self.key, self.lower_is_better = key, "loss" in key
         self.last: dict[str, dict] = {}
         self.best: dict | None = None
 
-    def add(self, record: dict) -> None:
+    def add(self, record: dict) -> bool:
+        """Keeps `record`; True when it is the new best."""
         self.last[record["split"]] = record
-        if record["split"] == "val" and (self.best is None or
-                                         _score(record) > _score(self.best)):
+        better = record["split"] == "val" and (
+            self.best is None or self._score(record) > self._score(self.best))
+        if better:
             self.best = record
+        return better
+
+    def _score(self, record: dict) -> float:
+        value = record.get(self.key)
+        if value is None or value != value:
+            return -math.inf
+        return -value if self.lower_is_better else value
 
     def state_dict(self) -> dict:
         return {"last": self.last, "best": self.best}
 
     def load_state_dict(self, state: dict) -> None:
         self.last, self.best = state["last"], state["best"]
-
-
-def _score(record: dict) -> float:
-    miou = record.get("miou")
-    return miou if miou is not None and miou == miou else -math.inf
 
 
 class DropoutRng:

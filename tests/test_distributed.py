@@ -153,15 +153,16 @@ def test_only_rank_zero_writes_and_prints(torchrun):
     for name in ("run_local_bn", "run_sync_bn"):
         workdir = out / name
         assert sorted(p.name for p in workdir.iterdir()) == [
-            "checkpoints", "config.json", "metrics.jsonl", "per_image", "predictions",
-            "summary.json"]
+            "checkpoints", "config.json", "inference.json", "metrics.jsonl", "per_image",
+            "predictions", "summary.json"]
         # each rank evaluated its share; rank 0 wrote every image's counts, in order
         per_image = rundir.load_per_image(workdir / "per_image" / "val.npz")
         assert list(per_image.index) == list(range(8)) and per_image.step == 4
         assert sorted(p.name for p in (workdir / "predictions").iterdir()) == [
             "step_00000002.png", "step_00000004.png"]
+        best = json.loads((workdir / "summary.json").read_text())["best_eval"]["step"]
         assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
-            "ckpt_00000002.pt", "ckpt_00000004.pt"]
+            f"best_{best:08d}.pt", "ckpt_00000002.pt", "ckpt_00000004.pt"]
         lines = (workdir / "metrics.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines]
         assert [(r["step"], r["split"]) for r in records] == [

@@ -102,11 +102,22 @@ def test_prediction_pictures_of_the_run(run_dir):
     assert sorted(p.name for p in (run_dir / "predictions").iterdir()) == ["step_00000003.png"]
     picture = torchvision.io.decode_png(torchvision.io.read_file(
         str(run_dir / "predictions" / "step_00000003.png")))
-    assert picture.shape == (3, 2 * 32 + 3 * 2, 3 * 32 + 4 * 2)  # 2 rows of 3 pictures, pad 2
+    # 2 rows of 3 panels, 32x32 images enlarged 8x (nearest) to 256, 2-pixel gaps
+    assert picture.shape[-1] == 3 * 256 + 4 * 2
     val = data.build(cfg.data, "val")
-    truth = visualize.colorize(val.masks[1], visualize.palette_tensor(val.info.palette, 3))
-    assert torch.equal(picture[:, 36:68, 36:68], truth)  # row 1, column 1: its ground truth
-    assert torch.equal(picture[:, 2:34, 2:34], val.images[0])  # row 0, column 0: the image
+    image = val.images[0].repeat_interleave(8, 1).repeat_interleave(8, 2)
+    top = [y for y in range(picture.shape[1] - 256)
+           if torch.equal(picture[:, y:y + 256, 2:258], image)]
+    assert len(top) == 1 and top[0] > 10   # under a row of column titles
+    y = top[0]
+    assert (picture[:, :y - 2] < 128).any()   # dark title text on white
+    palette = visualize.palette_tensor(val.info.palette, 3)
+    truth = visualize.colorize(val.masks[1], palette).repeat_interleave(8, 1)
+    assert torch.equal(picture[:, y + 258:y + 514, 260:516], truth.repeat_interleave(8, 2))
+    legend = picture[:, y + 516:]
+    assert legend.shape[1] > 10   # a legend under the panels, with a swatch of each class
+    for colour in palette.tolist():   # the ground truth of the first images has every class
+        assert (legend == torch.tensor(colour).view(3, 1, 1)).all(0).sum() >= 9
     images, _ = next(batches.eval_batches(val, None, 2))
     assert torch.equal(visualize.unnormalize(images, val.mean, val.std), val.images[:2])
 

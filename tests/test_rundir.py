@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import ml_collections
 import pytest
@@ -44,17 +45,48 @@ def test_truncate_after_keeps_earlier_records_and_drops_the_redone_ones(tmp_path
 def test_a_run_directory_belongs_to_one_config(tmp_path):
     run = rundir.RunDir(tmp_path / "w")
     cfg = unet.get_config()
-    run.check_usable(cfg)  # nothing there yet
+    assert run.check_usable(cfg) == []  # nothing there yet
     run.write_config(cfg)
-    run.check_usable(cfg)
+    assert run.check_usable(cfg) == []
     cfg.optimizer.lr, cfg.train.freeze = 0.5, ("inc",)
-    with pytest.raises(errors.ConfigError, match=r"differs in: optimizer.lr, train.freeze\)"):
+    with pytest.raises(errors.ConfigError, match=r"another config \(optimizer.lr 0.001 -> 0.5; "
+                       r"train.freeze \[\] -> \[\"inc\"\]\): these change what the run "
+                       r"computes"):
         run.check_usable(cfg)
     (tmp_path / "file").write_text("")
     with pytest.raises(errors.ConfigError, match="is a file, not a folder"):
         rundir.RunDir(tmp_path / "file" / "w").check_usable()
     with pytest.raises(errors.ConfigError, match=r"is .*empty a run directory\?"):
         rundir.RunDir(tmp_path / "empty").config()
+
+
+def test_resume_policy_lets_only_fields_that_leave_the_numbers_alone_change(tmp_path):
+    run = rundir.RunDir(tmp_path / "w")
+    cfg = unet.get_config()
+    run.write_config(cfg)
+    cfg.data.workers, cfg.data.prefetch, cfg.train.log_every = 4, 0, 7
+    cfg.train.eval_every = cfg.train.checkpoint_every = 100
+    cfg.train.num_pictures, cfg.train.tensorboard = 0, True
+    why = " (plays no part in the numbers)"
+    assert run.check_usable(cfg) == [c + why for c in (
+        "data.prefetch 2 -> 0", "data.workers 0 -> 4", "train.checkpoint_every 250 -> 100",
+        "train.eval_every 250 -> 100", "train.log_every 50 -> 7", "train.num_pictures 4 -> 0",
+        "train.tensorboard false -> true")]
+    for field, value in (("train.steps", 2000), ("seed", 1), ("data.crop_size", (32, 32)),
+                         ("train.precision", "bf16"), ("train.best_metric", "loss"),
+                         ("model.init_from", "runs/x"), ("train.eval_batch_size", 8)):
+        changed = unet.get_config()
+        config.set_field(changed, field, value)
+        with pytest.raises(errors.ConfigError, match=rf"\({re.escape(field)} .* -> .*\): this "
+                           "changes what the run computes, so it cannot resume with it"):
+            run.check_usable(changed)
+    # a field added to the code since the run was made is reported, not refused
+    saved = json.loads(run.config_file.read_text())
+    del saved["model"]["init_from"], saved["train"]["best_metric"]
+    run.config_file.write_text(json.dumps(saved))
+    assert run.check_usable(unet.get_config()) == [
+        'model.init_from (absent) -> "" (a field the run\'s code did not have)',
+        'train.best_metric (absent) -> "miou" (a field the run\'s code did not have)']
 
 
 def test_checkpoints_keep_the_newest_and_skip_an_unreadable_one(tmp_path):

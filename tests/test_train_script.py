@@ -71,8 +71,11 @@ def test_run_directory_contract(finished_run):
                                                      "patterned_polygon"]
     assert summary["best_eval"]["miou"] == max(r["miou"] for r in records if r["split"] == "val")
     assert {"torch", "torchvision", "device"} <= set(summary["environment"])
+    best = summary["best_eval"]["step"]
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
-        "ckpt_00000003.pt", "ckpt_00000006.pt"]
+        f"best_{best:08d}.pt", "ckpt_00000003.pt", "ckpt_00000006.pt"]
+    assert json.loads((workdir / "inference.json").read_text())["class_names"] == \
+        summary["class_names"]
     assert "step 6/6" in proc.stdout and "eta" in proc.stdout
 
 

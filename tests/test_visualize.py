@@ -94,3 +94,50 @@ def test_prediction_grid_rows_are_image_truth_prediction():
     assert cell(1, 1)[:, 0, 0].tolist() == list(visualize.IGNORE_COLOUR)
     assert cell(0, 2)[:, 3, 4].tolist() == [40, 50, 60]          # prediction: class 1
     assert cell(1, 2)[:, 3, 4].tolist() == [70, 80, 90]
+
+
+# ---------------------------------------------------------------- pictures a person can read
+
+def test_upscale_is_nearest_by_a_whole_factor():
+    picture = torch.tensor([[[1, 2], [3, 4]]], dtype=torch.uint8)
+    assert visualize.upscale(picture, 2)[0].tolist() == [[1, 1, 2, 2], [1, 1, 2, 2],
+                                                       [3, 3, 4, 4], [3, 3, 4, 4]]
+    assert visualize.upscale_factor(64, 64) == 4 and visualize.upscale_factor(65, 10) == 4
+    assert visualize.upscale_factor(200, 266) == 1 and visualize.upscale_factor(300, 40) == 1
+
+
+def test_labelled_grid_places_titles_panels_and_legend():
+    rows = [[solid(10, 20, 1), solid(10, 20, 2)], [solid(10, 20, 3), solid(10, 20, 4)]]
+    legend = [("cat", (200, 0, 0)), ("dog", (0, 0, 200))]
+    picture = visualize.labelled_grid(rows, ("left", "right"), legend)
+    factor = 13   # ceil(256 / 20)
+    (y0, x0, h, w), (y1, x1, _, _) = picture.cells[0][0], picture.cells[1][1]
+    assert (h, w) == (10 * factor, 20 * factor)
+    assert x0 == 2 and x1 == 2 + w + 2 and y1 == y0 + h + 2 and y0 > 10   # titles above
+    pixels = picture.pixels
+    assert (pixels[:, y0:y0 + h, x0:x0 + w] == 1).all()
+    assert (pixels[:, y1:y1 + h, x1:x1 + w] == 4).all()
+    assert (pixels[:, :y0 - 2] < 128).any()   # title text
+    below = pixels[:, y1 + h:]
+    for colour in ((200, 0, 0), (0, 0, 200)):   # a swatch per legend entry
+        assert (below == torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1)).all(0).sum() > 50
+
+
+def test_legend_lists_the_classes_shown_and_ignore():
+    palette = visualize.palette_tensor(PALETTE, 3)
+    entries = visualize.legend_entries([torch.tensor([[2, 255]]), torch.tensor([[0, 2]])],
+                                       ("a", "b", "c"), palette)
+    assert entries == [("a", (10, 20, 30)), ("c", (70, 80, 90)),
+                       ("ignore", visualize.IGNORE_COLOUR)]
+
+
+def test_overlay_blends_the_prediction_colours_over_the_image():
+    image = solid(4, 4, 100)
+    pred = torch.tensor([[0, 1, 2, 0]] * 4)
+    picture = visualize.overlay_picture(image, pred, visualize.palette_tensor(PALETTE, 3),
+                                        ("a", "b", "c"))
+    (y, x, h, w), (_, x2, _, _) = picture.cells[0]
+    assert (h, w) == (256, 256)   # 4x4 enlarged 64x
+    assert (picture.pixels[:, y:y + h, x:x + w] == 100).all()
+    blended = picture.pixels[:, y, x2 + 64]    # pixel (0, 1): class 1 (40, 50, 60) at 0.5
+    assert blended.tolist() == [70, 75, 80]

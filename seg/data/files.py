@@ -41,7 +41,7 @@ def read_image(path: str) -> Tensor:
                                mode=ImageReadMode.RGB)
         except RuntimeError as e:
             raise DataError(f"{path}: corrupt or truncated JPEG ({_first_line(e)})") from None
-    with _open_pil(path) as im:
+    with open_pil(path) as im:
         if im.mode not in _IMAGE_MODES:
             raise DataError(f"{path}: image mode {im.mode} is not 8-bit (expected RGB or L)")
         rgb = np.array(im.convert("RGB"))
@@ -50,7 +50,7 @@ def read_image(path: str) -> Tensor:
 
 def read_mask(path: str) -> Tensor:
     """uint8 (H, W) values as stored: grayscale values, or the indices of a palette PNG."""
-    with _open_pil(path) as im:
+    with open_pil(path) as im:
         if im.mode in ("RGB", "RGBA"):
             raise DataError(
                 f"{path}: mask is an {im.mode} colour image; expected class indices (8-bit "
@@ -62,7 +62,9 @@ def read_mask(path: str) -> Tensor:
         return torch.from_numpy(np.array(im, dtype=np.uint8))
 
 
-def _open_pil(path: str) -> Image.Image:
+def open_pil(path: str) -> Image.Image:
+    """The image at `path`, decoded in full (so a truncated file fails here); DataError naming
+    the file when it is missing, not an image, corrupt or truncated."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise DataError(f"{path}: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on (set elsewhere in "
                         f"this process); truncated files would be read as wrong samples: unset it")

@@ -22,7 +22,7 @@ CHECKPOINT_BLOCKS = (BasicBlock, Bottleneck, DoubleConv)
 MODELS = {"unet": UNet, "pspnet": PSPNet, "deeplabv3": DeepLabV3, "fcn": FCNVGG,
           "fcn_resnet": FCNResNet, "twostream": TwoStreamPSPNet}
 # config.model fields that say where the weights come from, not what the model is
-INIT_FIELDS = frozenset({"name", "backbone_weights"})
+INIT_FIELDS = frozenset({"name", "backbone_weights", "init_from"})
 
 
 def build(model_cfg, num_outputs: int) -> nn.Module:

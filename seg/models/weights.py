@@ -69,16 +69,23 @@ def load_backbone(spec: str, arch: str) -> dict[str, Tensor]:
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"model.backbone_weights={spec!r}: no file {path.resolve()}")
-    return _read_state_dict(path)
+    return read_state_dict(path)
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
+def read_state_dict(path: Path, field: str = "model.backbone_weights") -> dict[str, Tensor]:
+    """The state_dict in file `path` (alone, or under "state_dict" or "model"); ValueError
+    naming `field` and the file when it holds something else or cannot be read."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, a pickle of arbitrary objects, ...: all unusable
         first_line = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"model.backbone_weights: {path} is not a readable torch state_dict "
+        raise ValueError(f"{field}: {path} is not a readable torch state_dict "
                          f"({type(e).__name__}: {first_line})") from e
+    return as_state_dict(obj, path, field)
+
+
+def as_state_dict(obj, path: Path, field: str) -> dict[str, Tensor]:
+    """The state_dict of a loaded file: `obj` itself or its "state_dict" or "model" entry."""
     if isinstance(obj, dict):
         for entry in ("state_dict", "model"):
             if isinstance(obj.get(entry), dict):
@@ -86,7 +93,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
                 break
     if not (isinstance(obj, dict) and obj
             and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())):
-        raise ValueError(f"model.backbone_weights: {path} does not hold a state_dict (a dict of "
+        raise ValueError(f"{field}: {path} does not hold a state_dict (a dict of "
                          "name -> tensor, alone or under 'state_dict' or 'model')")
     return dict(obj)
 
