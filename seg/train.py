@@ -53,7 +53,7 @@ def init_state(params: Params, buffers: Buffers, optimizer: Optimizer, trainable
 def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, schedule: Schedule,
                     *, trainable: Iterable[str], frozen_modules: Iterable[str] = (),
                     aux_weight: float = 0.0, grad_impl: str = "auto",
-                    compile: bool | str = False, donate: bool = False,
+                    compile: bool | str | Callable = False, donate: bool = False,
                     grad_reduce: GradReduce | None = None, skip_nonfinite: bool = False,
                     precision: str = "fp32", channels_last: bool = False,
                     checkpoint_activations: bool = False, clip_norm: float = 0.0,
@@ -67,11 +67,14 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
     skips a frame that calls torch.autograd.grad). "auto" picks func when compiling, else
     autograd. Both compute the same numbers (tests/test_train.py).
     compile: torch.compile with fullgraph=True, so a graph break is an error, not a slowdown;
-    a string names the backend (default inductor; tests use "aot_eager" to check graph capture).
+    a string names the backend (default inductor; tests use "aot_eager" to check graph capture),
+    a callable is one (seg/gpu_check.py counts the graphs it is given).
     donate: the step may reuse the input state's storage for the output state (see
     `Optimizer`); for loops that never look at an old state again. Same numbers.
     grad_reduce: `(grads, losses) -> (grads, losses)` applied before the optimizer update, e.g.
-    seg.distributed.make_grad_reduce's average over the data-parallel ranks.
+    seg.distributed.make_grad_reduce's average over the data-parallel ranks; one with an
+    `attach(leaves)` method (seg.distributed.BucketedGradReduce) is attached to the leaves
+    before an autograd backward, to start its all-reduces while the backward runs.
     skip_nonfinite: when the (reduced) loss is NaN or infinite, the step returns the input's
     params, buffers and optimizer state (selected with torch.where on a device flag: no host
     sync) and only the step counter advances. It needs the old state, so it turns `donate` off.
@@ -147,6 +150,8 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
                 loss_of, has_aux=True)(train_params)
         else:
             leaves = {k: v.detach().requires_grad_(True) for k, v in train_params.items()}
+            if hasattr(grad_reduce, "attach"):   # all-reduces overlapping the backward
+                grad_reduce.attach(leaves)
             with torch.enable_grad():
                 objective, (new_buffers, scalars) = loss_of(leaves)
                 grads = dict(zip(leaves, torch.autograd.grad(objective, list(leaves.values()))))
@@ -280,11 +285,10 @@ def _forward(model: nn.Module, precision: str, channels_last: bool) -> Callable:
     return forward
 
 
-def _compiled(fn: Callable, compile: bool | str) -> Callable:
+def _compiled(fn: Callable, compile: bool | str | Callable) -> Callable:
     if not compile:
         return fn
-    return torch.compile(fn, fullgraph=True,
-                         backend=compile if isinstance(compile, str) else "inductor")
+    return torch.compile(fn, fullgraph=True, backend="inductor" if compile is True else compile)
 
 
 def evaluate(eval_step: EvalStep, params: Params, buffers: Buffers, batches: Iterable[tuple],

@@ -135,10 +135,10 @@ def startup_line(info: dict) -> str:
             f"{'  channels_last' if info['channels_last'] else ''}")
 
 
-def first_step_line(step: int, lap) -> str:
+def first_step_line(step: int, lap, compiled: bool = False) -> str:
     """The first step's time (a tracking.Lap): compilation and cuDNN autotuning happen there."""
-    return (f"step {step} took {lap.seconds:.1f}s (first step: compilation, autotuning; data "
-            f"{lap.data_wait:.1f}s)")
+    return (f"step {step} took {lap.seconds:.1f}s (the first{', compiled' if compiled else ''}; "
+            f"data {lap.data_wait:.1f}s)")
 
 
 def hms(seconds: float) -> str:
