@@ -101,6 +101,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # torchrun data parallel: train.batch_size and eval_batch_size are global (split over ranks)
     c.train.sync_bn = False                # BN moments over the global batch; False: per-rank
                                            # statistics, averaged before each eval / checkpoint
+    c.train.grad_bucket_mb = 25.0          # eager steps: all-reduce buckets started during the
+                                           # backward (DDP's size); 0: one all-reduce after it
     c.train.nonfinite = "stop"             # NaN/Inf loss: stop (exit naming the step) | skip
     c.train.deterministic = False          # torch.use_deterministic_algorithms + cuDNN/cuBLAS
     c.train.num_pictures = 4               # val images drawn at each eval (predictions/); 0 = off

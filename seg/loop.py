@@ -71,6 +71,8 @@ def check_train(cfg, world_size: int, device: torch.device) -> None:
     evaluation.eval_batch_per_rank(t.eval_batch_size, world_size)
     if t.num_pictures < 0:
         raise ValueError(f"train.num_pictures={t.num_pictures} must be >= 0")
+    if t.grad_bucket_mb < 0:
+        raise ValueError(f"train.grad_bucket_mb={t.grad_bucket_mb} must be >= 0")
     if (t.precision == "bf16" and device.type == "cuda"
             and not torch.cuda.is_bf16_supported(including_emulation=False)):
         raise ValueError(f"train.precision='bf16' but {torch.cuda.get_device_name(device)} "
@@ -95,7 +97,8 @@ class _Loop:
         self.writer = writer
         if world.size > 1 and cfg.train.sync_bn:
             distributed.convert_sync_batchnorm(exp.model, world.group)
-        grad_reduce = distributed.make_grad_reduce(world.group) if world.size > 1 else None
+        grad_reduce = (distributed.grad_reducer(world.group, cfg.train.grad_bucket_mb)
+                       if world.size > 1 else None)
         self.train_step, optimizer, trainable = experiment.train_step(
             cfg, exp.model, exp.loss_fn, grad_reduce)
         self.eval_step = experiment.eval_step(cfg, exp.model, exp.loss_fn)
@@ -163,7 +166,8 @@ class _Loop:
             eval_now = step % t.eval_every == 0 or step == t.steps
             save_now = step % t.checkpoint_every == 0 or step == t.steps
             if step == start + 1 and not log_now:  # compilation, autotuning: say how long
-                self.writer.print(writers.first_step_line(step, self.clock.lap(sync=True)))
+                self.writer.print(writers.first_step_line(step, self.clock.lap(sync=True),
+                                                          t.compile))
             if log_now or eval_now or save_now:
                 self._check_finite(step, eval_now or save_now)
             if log_now:
