@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -77,3 +79,16 @@ def overflowed(grads: list[Tensor]) -> Tensor:
     if not grads:
         return torch.zeros((), dtype=torch.bool)
     return ~torch.stack([torch.isfinite(g).all() for g in grads]).all()
+
+
+def autocast_supported(device_type: str, dtype: torch.dtype = torch.float16) -> bool:
+    """Whether torch.autocast runs `dtype` on this device type: torch versions without CPU
+    float16 autocast warn and run the forward in float32 instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            with torch.autocast(device_type, dtype=dtype):
+                pass
+        except (UserWarning, RuntimeError):
+            return False
+    return True

@@ -14,8 +14,8 @@ import warnings
 import torch
 from torch.utils._pytree import tree_leaves
 
-from seg import distributed, evaluation, experiment, functional, metrics, runtime, tracking
-from seg import visualize, writers
+from seg import amp, distributed, evaluation, experiment, functional, metrics, runtime
+from seg import tracking, visualize, writers
 from seg import train as steps
 from seg.data import Split, batches
 from seg.distributed import World
@@ -73,6 +73,9 @@ def check_train(cfg, world_size: int, device: torch.device) -> None:
         raise ValueError(f"train.num_pictures={t.num_pictures} must be >= 0")
     if t.grad_bucket_mb < 0:
         raise ValueError(f"train.grad_bucket_mb={t.grad_bucket_mb} must be >= 0")
+    if t.precision == "fp16" and not amp.autocast_supported(device.type):
+        raise ValueError(f"train.precision='fp16' but this torch ({torch.__version__}) has no "
+                         f"float16 autocast on {device.type}; use fp32 or bf16")
     if (t.precision == "bf16" and device.type == "cuda"
             and not torch.cuda.is_bf16_supported(including_emulation=False)):
         raise ValueError(f"train.precision='bf16' but {torch.cuda.get_device_name(device)} "

@@ -226,6 +226,13 @@ def test_fp16_eval_gives_float32_logits_close_to_fp32():
     torch.testing.assert_close(half, ref, rtol=1e-2, atol=1e-2)
 
 
+def test_autocast_support_is_detected():
+    # float16 and bfloat16 autocast run on this torch's CPU (the tests above need them);
+    # float64 is no autocast type anywhere
+    assert amp.autocast_supported("cpu") and amp.autocast_supported("cpu", torch.bfloat16)
+    assert not amp.autocast_supported("cpu", torch.float64)
+
+
 @pytest.mark.parametrize("bad, message", [
     (amp.LossScale(init_scale=0.0), "train.loss_scale=0.0"),
     (amp.LossScale(growth_interval=0), "train.loss_scale_growth_interval=0"),

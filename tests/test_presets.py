@@ -11,7 +11,8 @@ from seg import data
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py")
-                       if p.stem not in ("__init__", "common", "presets", "ablations"))
+                       if p.stem not in ("__init__", "common", "presets", "ablations",
+                                         "benchmarks"))
 
 
 def test_shared_roots_sit_next_to_the_repo():
