@@ -151,7 +151,7 @@ class BucketedGradReduce:
         self.group, self.cap = group, int(bucket_mb * 2 ** 20)
         self.buckets: list[list[str]] = []
         self.started_in_backward = 0   # of the last step's buckets (for tests, benchmarks)
-        self._flat_reduce = make_grad_reduce(group)
+        self.flat = make_grad_reduce(group)   # the same average, one all-reduce after
         self._step: dict | None = None
 
     def _bucket(self, leaves: dict[str, Tensor]) -> list[list[str]]:
@@ -195,7 +195,7 @@ class BucketedGradReduce:
         step, self._step = self._step, None
         if step is None:
             self.started_in_backward = 0
-            return self._flat_reduce(grads, scalars)
+            return self.flat(grads, scalars)
         self.started_in_backward = len(step["launched"])
         for i, bucket in enumerate(self.buckets):   # a bucket whose hooks did not all fire
             if i not in step["launched"]:

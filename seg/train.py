@@ -74,7 +74,8 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
     grad_reduce: `(grads, losses) -> (grads, losses)` applied before the optimizer update, e.g.
     seg.distributed.make_grad_reduce's average over the data-parallel ranks; one with an
     `attach(leaves)` method (seg.distributed.BucketedGradReduce) is attached to the leaves
-    before an autograd backward, to start its all-reduces while the backward runs.
+    before an autograd backward, to start its all-reduces while the backward runs (with
+    grad_impl "func" its `flat` form is used: one all-reduce after the backward).
     skip_nonfinite: when the (reduced) loss is NaN or infinite, the step returns the input's
     params, buffers and optimizer state (selected with torch.where on a device flag: no host
     sync) and only the step counter advances. It needs the old state, so it turns `donate` off.
@@ -122,6 +123,10 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
     if checkpoint_activations:
         model = functional.recompute_blocks(model, models.CHECKPOINT_BLOCKS)
     forward = _forward(model, precision, channels_last)
+    if grad_impl == "func" and hasattr(grad_reduce, "attach"):
+        # torch.func has no hooks to start all-reduces from: one after the backward, as a pure
+        # function that torch.compile traces (the overlapping object keeps per-step state)
+        grad_reduce = grad_reduce.flat
     scaled = precision == "fp16"
     loss_scale = (loss_scale or amp.LossScale()).check() if scaled else None
     skips = skip_nonfinite or scaled   # a skipped step needs the old state: no donation

@@ -89,6 +89,8 @@ def library_checks(result: dict) -> None:
     rank = dist.get_rank()
     synced, synced_losses = train(data, sync_bn=True, world=True)
     synced_func, _ = train(data, sync_bn=True, world=True, grad_impl="func")
+    # torch.func cannot hook the backward: the bucketed reducer falls back to its flat form
+    func_buckets, _ = train(data, sync_bn=True, world=True, grad_impl="func", bucket_mb=0.004)
     local, local_losses = train(data, sync_bn=False, world=True)
     # 4 KB buckets: the tiny UNet's gradients go out in many all-reduces during the backward
     overlapped, overlapped_losses = train(data, sync_bn=False, world=True, bucket_mb=0.004)
@@ -115,6 +117,7 @@ def library_checks(result: dict) -> None:
         # the same sums divided by the same world size: bit for bit the flat all-reduce's
         "overlapped_equals_flat": all(g["overlapped"] == g["local_all"] for g in gathered),
         "overlapped_losses_equal": overlapped_losses[:-1] == local_losses,
+        "func_buckets_equal_flat": max_diff(func_buckets.params, synced_func.params) == 0,
         "started_in_backward": overlapped_losses[-1],
         "overlap_buckets": len(distributed.BucketedGradReduce(bucket_mb=0.004)._bucket(
             dict(synced.params))),
