@@ -88,6 +88,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-8
+    c.optimizer.clip_norm = 0.0            # > 0: clip the gradients' global 2-norm to this
+    c.optimizer.fused = False              # torch's fused update kernels (eager only; see README)
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "poly"               # constant | step | cosine | poly
@@ -111,7 +113,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.best_metric = "miou"
     c.train.freeze = ()                    # module paths whose params get no gradient, e.g. ("backbone",)
     c.train.compile = False                # torch.compile the steps
-    c.train.precision = "fp32"             # fp32 | bf16 (autocast forward; fp32 weights, loss, metrics)
+    c.train.precision = "fp32"             # fp32 | bf16 | fp16 (autocast forward; fp32 weights,
+                                           # loss, metrics; fp16 with dynamic loss scaling)
+    c.train.loss_scale = 65536.0           # fp16: the initial loss scale (GradScaler's)
+    c.train.loss_scale_growth_interval = 2000   # fp16: clean steps before the scale doubles
     c.train.channels_last = False          # channels_last images and conv weights
     c.train.checkpoint_activations = False # recompute ResNet / UNet blocks in the backward (eager)
     c.train.grad_impl = "auto"             # auto | autograd | func (torch.func.grad_and_value)
@@ -119,6 +124,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # torchrun data parallel: train.batch_size and eval_batch_size are global (split over ranks)
     c.train.sync_bn = False                # BN moments over the global batch; False: per-rank
                                            # statistics, averaged before each eval / checkpoint
+    c.train.grad_bucket_mb = 25.0          # eager steps: all-reduce buckets started during the
+                                           # backward (DDP's size); 0: one all-reduce after it
     c.train.nonfinite = "stop"             # NaN/Inf loss: stop (exit naming the step) | skip
     c.train.deterministic = False          # torch.use_deterministic_algorithms + cuDNN/cuBLAS
     c.train.num_pictures = 4               # val images drawn at each eval (predictions/); 0 = off

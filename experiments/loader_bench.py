@@ -5,23 +5,19 @@
   python experiments/loader_bench.py --config=configs/unet.py:camvid --workers=0,2,4
 
 Without --config it times the CamVid preset (at --root, default $SEG_DATASETS/camvid) at full
-360x480 crops with its scale 0.5-2.0 and flips, plus colour jitter 0.4. For each worker count it times
---steps batches after --warmup untimed ones (worker start-up, page cache), reading, decoding,
-augmenting, collating, copying to --device and normalising. Prints a table and writes JSON.
+360x480 crops with its scale 0.5-2.0 and flips, plus colour jitter 0.4 (configs/benchmarks.py).
+For each worker count it times --steps batches after --warmup untimed ones (worker start-up, page
+cache), reading, decoding, augmenting, collating, copying to --device and normalising
+(seg.bench.loader_rates). Prints a table and writes JSON.
 """
 from __future__ import annotations
 
-import os
-import time
-
-
 import torch
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from configs import common, presets
-from seg import data, rundir
-from seg.data import batches, augment
+from configs import benchmarks
+from seg import bench, cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file; default: CamVid (above).")
 _ROOT = flags.DEFINE_string("root", None,
@@ -33,55 +29,13 @@ _DEVICE = flags.DEFINE_string("device", "cpu", "Where batches are delivered (cpu
 _OUT = flags.DEFINE_string("out", None, "JSON output path (optional).")
 
 
-def camvid_config(root: str | None):
-    """The CamVid preset at full resolution with the whole train augmentation."""
-    c = presets.apply(common.get_base_config(), "camvid")
-    if root:
-        c.data.root = root
-    c.data.crop_size = (360, 480)
-    c.data.color_jitter = 0.4
-    return c
-
-
-def images_per_s(dataset, transform, cfg, workers: int, device: torch.device) -> float:
-    stream = batches.train_batches(dataset, transform, cfg.train.batch_size, cfg.seed,
-                                   device=device, workers=workers, prefetch=cfg.data.prefetch)
-    for _ in range(_WARMUP.value):
-        next(stream)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(_STEPS.value):
-        next(stream)
-    sync(device)
-    return _STEPS.value * cfg.train.batch_size / (time.perf_counter() - start)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(argv):
     del argv
-    cfg = _CONFIG.value if _CONFIG.value is not None else camvid_config(_ROOT.value)
-    device = torch.device(_DEVICE.value)
-    dataset = data.build(cfg.data, "train")
-    transform = augment.train_transform(cfg.data, dataset.info)
-    image, _ = dataset.read(0)
-    print(f"{cfg.data.name}: {len(dataset)} train images, first {tuple(image.shape[1:])}, "
-          f"batch {cfg.train.batch_size}, {os.cpu_count()} CPUs\n{transform}")
-    rows = []
-    print("| workers | images/s |\n|---|---|")
-    for workers in map(int, _WORKERS.value):
-        rate = images_per_s(dataset, transform, cfg, workers, device)
-        rows.append({"workers": workers, "images_per_s": rate})
-        print(f"| {workers} | {rate:.1f} |", flush=True)
-    if _OUT.value:
-        rundir.write_json(_OUT.value, {
-            "data": cfg.data.to_dict(), "batch_size": cfg.train.batch_size,
-            "steps": _STEPS.value, "warmup": _WARMUP.value, "device": str(device),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "results": rows})
+    cfg = _CONFIG.value if _CONFIG.value is not None else benchmarks.camvid(_ROOT.value)
+    bench.run_loader(cfg.data, cfg.train.batch_size, cfg.seed, [int(w) for w in _WORKERS.value],
+                     steps=_STEPS.value, warmup=_WARMUP.value, device=torch.device(_DEVICE.value),
+                     prefetch=cfg.data.prefetch, out=_OUT.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

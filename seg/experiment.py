@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from seg import data, functional, inference, init_from, losses, metrics, models, optim
+from seg import amp, data, functional, inference, init_from, losses, metrics, models, optim
 from seg import visualize
 from seg import train as steps
 from seg.data import DatasetInfo, Split, balance
@@ -179,8 +179,18 @@ def train_step(cfg, model: nn.Module, loss_fn, grad_reduce=None):
             donate=True,  # the loop never reads an old state again
             grad_reduce=grad_reduce, skip_nonfinite=t.nonfinite == "skip",
             precision=t.precision, channels_last=t.channels_last,
-            checkpoint_activations=t.checkpoint_activations)
+            checkpoint_activations=t.checkpoint_activations,
+            clip_norm=cfg.optimizer.clip_norm, loss_scale=loss_scale(cfg))
     return step, optimizer, trainable
+
+
+def loss_scale(cfg) -> amp.LossScale | None:
+    """The dynamic loss scaling rule of an fp16 run (GradScaler's factors), else None."""
+    if cfg.train.precision != "fp16":
+        return None
+    with config_errors():
+        return amp.LossScale(init_scale=cfg.train.loss_scale,
+                             growth_interval=cfg.train.loss_scale_growth_interval).check()
 
 
 def trainable_params(cfg, model: nn.Module) -> list[str]:

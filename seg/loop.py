@@ -14,7 +14,8 @@ import warnings
 import torch
 from torch.utils._pytree import tree_leaves
 
-from seg import distributed, evaluation, experiment, functional, metrics, runtime, visualize
+from seg import amp, distributed, evaluation, experiment, functional, metrics, runtime
+from seg import tracking, visualize, writers
 from seg import train as steps
 from seg.data import Split, batches
 from seg.distributed import World
@@ -41,6 +42,7 @@ def train_and_evaluate(cfg, workdir: str | os.PathLike) -> dict:
     experiment.check(cfg)  # the model, loss, optimizer and steps, before any data is read
     with contextlib.ExitStack() as stack:
         stack.enter_context(runtime.deterministic_algorithms(cfg.train.deterministic))
+        stack.enter_context(runtime.cudnn_autotuning(not cfg.train.deterministic))
         if info.rank != 0:
             stack.enter_context(_silenced())
         if device.type == "cuda":
@@ -74,6 +76,11 @@ def check_train(cfg, world_size: int, device: torch.device) -> None:
     evaluation.eval_batch_per_rank(t.eval_batch_size, world_size)
     if t.num_pictures < 0:
         raise ValueError(f"train.num_pictures={t.num_pictures} must be >= 0")
+    if t.grad_bucket_mb < 0:
+        raise ValueError(f"train.grad_bucket_mb={t.grad_bucket_mb} must be >= 0")
+    if t.precision == "fp16" and not amp.autocast_supported(device.type):
+        raise ValueError(f"train.precision='fp16' but this torch ({torch.__version__}) has no "
+                         f"float16 autocast on {device.type}; use fp32 or bf16")
     if (t.precision == "bf16" and device.type == "cuda"
             and not torch.cuda.is_bf16_supported(including_emulation=False)):
         raise ValueError(f"train.precision='bf16' but {torch.cuda.get_device_name(device)} "
@@ -98,13 +105,15 @@ class _Loop:
         self.writer = writer
         if world.size > 1 and cfg.train.sync_bn:
             distributed.convert_sync_batchnorm(exp.model, world.group)
-        grad_reduce = distributed.make_grad_reduce(world.group) if world.size > 1 else None
+        grad_reduce = (distributed.grad_reducer(world.group, cfg.train.grad_bucket_mb)
+                       if world.size > 1 else None)
         self.train_step, optimizer, trainable = experiment.train_step(
             cfg, exp.model, exp.loss_fn, grad_reduce)
         self.eval_step = experiment.eval_step(cfg, exp.model, exp.loss_fn)
         self.infer = experiment.infer(cfg, exp.model)
         self.state = steps.init_state(exp.params, exp.buffers, optimizer, trainable,
-                                      channels_last=cfg.train.channels_last)
+                                      channels_last=cfg.train.channels_last,
+                                      loss_scale=experiment.loss_scale(cfg))
         self.model_info = {"name": cfg.model.name, "params": functional.count(exp.params),
                            "trainable_params": sum(exp.params[k].numel() for k in trainable)}
         if exp.init_report is not None:
@@ -166,27 +175,31 @@ class _Loop:
             train.dataset, train.transform, t.batch_size, cfg.seed, start_step=start,
             device=self.device, workers=cfg.data.workers, prefetch=cfg.data.prefetch,
             rank=self.world.rank, world_size=self.world.size)
+        self.writer.print(writers.startup_line(self._startup_info(start)))
         self.clock = Clock(self.device)
         if self._saved_clock is not None:
             self.clock.load_state_dict(self._saved_clock)
         for step in range(start + 1, t.steps + 1):
-            self.state, m = self.train_step(self.state, next(stream))
+            self.state, m = self.train_step(self.state, self.clock.next_batch(stream))
             self.window.add(self.state.step, m)
             log_now = step % t.log_every == 0 or step == t.steps
             eval_now = step % t.eval_every == 0 or step == t.steps
             save_now = step % t.checkpoint_every == 0 or step == t.steps
+            if step == start + 1 and not log_now:  # compilation, autotuning: say how long
+                self.writer.print(writers.first_step_line(step, self.clock.lap(sync=True),
+                                                          t.compile))
             if log_now or eval_now or save_now:
                 self._check_finite(step, eval_now or save_now)
             if log_now:
                 self._log(step)
             if eval_now:
-                with self.clock.paused():
+                with self.clock.paused("eval"):
                     self._evaluate(step, "val")
                     self.writer.summary(self.summary(step))
                     if pictures:
                         self._draw(step, pictures)
             if save_now:
-                with self.clock.paused():
+                with self.clock.paused("checkpoint"):
                     self._save(step)
         del stream  # stops the loader's workers before the test split is read
         if "test" in self.exp.splits:
@@ -219,15 +232,36 @@ class _Loop:
 
     def _log(self, step: int) -> None:
         t, window = self.cfg.train, self.window
-        means = window.read()  # the window's one host sync
-        seconds = self.clock.lap()
-        record = {"step": step, "split": "train", **{k: means[k] for k in window.keys},
-                  "lr": means["lr"], "images_per_s": window.steps * t.batch_size / seconds}
+        values = window.read()  # the window's one host sync
+        lap = self.clock.lap()
+        step_s = lap.seconds / lap.steps
+        record = {"step": step, "split": "train", **{k: values[k] for k in window.keys},
+                  "lr": values["lr"], "images_per_s": t.batch_size / step_s,
+                  "step_s": step_s, "data_s": lap.data_wait / lap.steps}
+        if (memory := tracking.peak_memory_gib(self.device)) is not None:
+            record["peak_mem_gib"] = memory
+        if t.precision == "fp16":
+            record.update(loss_scale=values["loss_scale"], overflows=values["overflows"])
         if t.nonfinite == "skip":
-            record["skipped"] = means["skipped"]
-        eta = (t.steps - step) * seconds / window.steps
-        self.writer.record(record, steps=t.steps, eta_s=eta)
+            record["skipped"] = values["skipped"]
+        splits = self.exp.splits
+        eta, measured = tracking.remaining_seconds(
+            step, t.steps, step_s, self.clock, eval_every=t.eval_every,
+            checkpoint_every=t.checkpoint_every,
+            test_fraction=len(splits["test"].dataset) / len(splits["val"].dataset)
+            if "test" in splits else 0.0)
+        self.writer.record(record, steps=t.steps, eta_s=eta, eta_measured=measured)
         window.reset()
+
+    def _startup_info(self, start: int) -> dict:
+        t, splits = self.cfg.train, self.exp.splits
+        return {"device": runtime.device_name(self.device), "ranks": self.world.size,
+                "model": self.cfg.model.name, **self.model_info,
+                "images": {name: len(split.dataset) for name, split in splits.items()},
+                "batch_size": t.batch_size,
+                "steps_per_epoch": len(splits["train"].dataset) // t.batch_size,
+                "start": start, "steps": t.steps, "precision": t.precision,
+                "compile": t.compile, "channels_last": t.channels_last}
 
     def _evaluate(self, step: int, split: str) -> None:
         data = self.exp.splits[split]

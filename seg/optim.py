@@ -33,9 +33,12 @@ class Optimizer(NamedTuple):
     params for its outputs, so the caller must not use those inputs afterwards. Same numbers;
     on CPU it avoids allocating (and page-faulting) a whole model's worth of fresh tensors
     per step, which costs more than the arithmetic.
+    fused: update runs torch's fused kernels (torch._fused_sgd_ / _fused_adam_ /
+    _fused_adamw_, torch.optim's fused=True), which torch.compile cannot trace.
     """
     init: Callable[[Params], OptState]
     update: Callable[[Params, OptState, Params], tuple[Params, OptState]]
+    fused: bool = False
 
 
 def _require(ok: bool, name: str, value: Any, rule: str) -> None:
@@ -197,8 +200,9 @@ def _chunks(tensors: list[Tensor], max_numel: int = 1 << 22) -> list[slice]:
 
 
 def sgd(learning_rate: float | Schedule, momentum: float = 0.0, nesterov: bool = False,
-        weight_decay: float = 0.0, dampening: float = 0.0) -> Optimizer:
-    """torch.optim.SGD: L2 weight decay added to the gradient, heavy-ball or Nesterov momentum."""
+        weight_decay: float = 0.0, dampening: float = 0.0, fused: bool = False) -> Optimizer:
+    """torch.optim.SGD: L2 weight decay added to the gradient, heavy-ball or Nesterov momentum.
+    fused: torch.optim.SGD(fused=True)'s kernel (no dampening: its first step is a Python flag)."""
     schedule = _as_schedule(learning_rate)
     _require(0 <= momentum < 1, "momentum", momentum, "is not in [0, 1)")
     _require(0 <= dampening <= 1, "dampening", dampening, "is not in [0, 1]")
@@ -207,11 +211,17 @@ def sgd(learning_rate: float | Schedule, momentum: float = 0.0, nesterov: bool =
              f"needs momentum > 0 and dampening == 0 (got momentum={momentum!r}, "
              f"dampening={dampening!r})")
 
+    _require(not fused or not dampening, "dampening", dampening, "must be 0 with fused=True")
+
     def init(params: Params) -> OptState:
         state = {"count": _zero_count(params)}
         if momentum:
             state["momentum"] = _zeros(params)
         return state
+
+    if fused:
+        return Optimizer(init, _fused_sgd_update(schedule, momentum, nesterov, weight_decay),
+                         fused=True)
 
     @torch.no_grad()
     def update(grads: Params, state: OptState, params: Params, donate: bool = False
@@ -240,7 +250,7 @@ def sgd(learning_rate: float | Schedule, momentum: float = 0.0, nesterov: bool =
 
 
 def _adam(learning_rate: float | Schedule, b1: float, b2: float, eps: float,
-          weight_decay: float, decoupled: bool) -> Optimizer:
+          weight_decay: float, decoupled: bool, fused: bool = False) -> Optimizer:
     schedule = _as_schedule(learning_rate)
     _require(0 <= b1 < 1, "b1", b1, "is not in [0, 1)")
     _require(0 <= b2 < 1, "b2", b2, "is not in [0, 1)")
@@ -249,6 +259,10 @@ def _adam(learning_rate: float | Schedule, b1: float, b2: float, eps: float,
 
     def init(params: Params) -> OptState:
         return {"count": _zero_count(params), "mu": _zeros(params), "nu": _zeros(params)}
+
+    if fused:
+        return Optimizer(init, _fused_adam_update(schedule, b1, b2, eps, weight_decay, decoupled),
+                         fused=True)
 
     @torch.no_grad()
     def update(grads: Params, state: OptState, params: Params, donate: bool = False
@@ -285,15 +299,95 @@ def _adam(learning_rate: float | Schedule, b1: float, b2: float, eps: float,
 
 
 def adam(learning_rate: float | Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-         weight_decay: float = 0.0) -> Optimizer:
-    """torch.optim.Adam: weight decay is L2, added to the gradient before the moments."""
-    return _adam(learning_rate, b1, b2, eps, weight_decay, decoupled=False)
+         weight_decay: float = 0.0, fused: bool = False) -> Optimizer:
+    """torch.optim.Adam: weight decay is L2, added to the gradient before the moments.
+    fused: torch.optim.Adam(fused=True)'s kernel."""
+    return _adam(learning_rate, b1, b2, eps, weight_decay, decoupled=False, fused=fused)
 
 
 def adamw(learning_rate: float | Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          weight_decay: float = 0.01) -> Optimizer:
-    """torch.optim.AdamW: decoupled decay, p *= 1 - lr * weight_decay before the Adam step."""
-    return _adam(learning_rate, b1, b2, eps, weight_decay, decoupled=True)
+          weight_decay: float = 0.01, fused: bool = False) -> Optimizer:
+    """torch.optim.AdamW: decoupled decay, p *= 1 - lr * weight_decay before the Adam step.
+    fused: torch.optim.AdamW(fused=True)'s kernel."""
+    return _adam(learning_rate, b1, b2, eps, weight_decay, decoupled=True, fused=fused)
+
+
+# ---------------------------------------------------------------- fused kernels
+# torch.optim's fused=True kernels do a whole update in one pass over each tensor (one launch
+# per group of tensors on CUDA), updating params and state in place: here they run on copies,
+# or on the inputs themselves with donate=True. Their arithmetic is their own (within a few ulp
+# of the foreach update), and the same as torch.optim(fused=True) given the same inputs.
+
+
+def _kernel_lr(lr: Tensor) -> Tensor:
+    """The lr tensor a fused kernel reads: on CPU it takes the value as a double (as torch.optim
+    passes a Python float), on CUDA it reads a float32 from device memory."""
+    return lr if lr.device.type == "cpu" else lr.float()
+
+
+def _owned(tensors: list[Tensor], donate: bool) -> list[Tensor]:
+    return tensors if donate else [t.clone() for t in tensors]
+
+
+def _fused_sgd_update(schedule: Schedule, momentum: float, nesterov: bool, weight_decay: float):
+    @torch.no_grad()
+    def update(grads: Params, state: OptState, params: Params, donate: bool = False
+               ) -> tuple[Params, OptState]:
+        names = list(grads)
+        g, p = _lists(names, grads, params)
+        p, g = _owned(p, donate), _owned(g, donate)   # the kernel writes both
+        count = state["count"]
+        bufs = _owned([state["momentum"][k] for k in names], donate) if momentum else []
+        # Zero-initialised buffers: momentum * 0 + g is g, torch's first step, so the kernel's
+        # is_first_step (a Python flag) can stay False.
+        torch._fused_sgd_(p, g, bufs, weight_decay=weight_decay, momentum=momentum,
+                          lr=_kernel_lr(schedule(count)), dampening=0.0, nesterov=nesterov,
+                          maximize=False, is_first_step=False)
+        new_state = {"count": count + 1}
+        if momentum:
+            new_state["momentum"] = _merge(state["momentum"], names, bufs)
+        return _merge(params, names, p), new_state
+
+    return update
+
+
+def _fused_adam_update(schedule: Schedule, b1: float, b2: float, eps: float, weight_decay: float,
+                       decoupled: bool):
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+
+    @torch.no_grad()
+    def update(grads: Params, state: OptState, params: Params, donate: bool = False
+               ) -> tuple[Params, OptState]:
+        names = list(grads)
+        g, p, mu, nu = _lists(names, grads, params, state["mu"], state["nu"])
+        p, g, mu, nu = (_owned(x, donate) for x in (p, g, mu, nu))
+        count = state["count"]
+        # the kernel reads the step number (after this update) as a float per tensor
+        steps = [(count + 1).to(torch.float32)] * len(p)
+        kernel(p, g, mu, nu, [], steps, lr=_kernel_lr(schedule(count)), beta1=b1, beta2=b2,
+               weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+        new_state = {"count": count + 1, "mu": _merge(state["mu"], names, mu),
+                     "nu": _merge(state["nu"], names, nu)}
+        return _merge(params, names, p), new_state
+
+    return update
+
+
+# ---------------------------------------------------------------- gradient norm
+
+
+def global_norm(grads: list[Tensor]) -> Tensor:
+    """The 2-norm of all gradients taken together (0-dim, on their device): the norm of their
+    per-tensor norms, as torch.nn.utils.clip_grad_norm_ computes it."""
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)), 2)
+
+
+def clip_by_global_norm(grads: list[Tensor], max_norm: float, norm: Tensor) -> list[Tensor]:
+    """grads * min(1, max_norm / (norm + 1e-6)): clip_grad_norm_'s arithmetic, with no
+    branch on the norm (a branch would read it back to the host)."""
+    return torch._foreach_mul(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
 
 
 # ---------------------------------------------------------------- from config
@@ -323,19 +417,22 @@ def _build_schedule(cfg, lr: float, total_steps: int) -> Schedule:
 def build(opt_cfg, sched_cfg, total_steps: int) -> tuple[Optimizer, Schedule]:
     """(config.optimizer, config.schedule, steps) -> (optimizer, its schedule, for logging).
 
-    config.optimizer fields: name ('sgd' | 'adam' | 'adamw'), lr, and those the optimizer
-    uses: momentum, nesterov, weight_decay (sgd); b1, b2, eps, weight_decay (adam, adamw).
+    config.optimizer fields: name ('sgd' | 'adam' | 'adamw'), lr, fused, and those the
+    optimizer uses: momentum, nesterov, weight_decay (sgd); b1, b2, eps, weight_decay (adam,
+    adamw). (optimizer.clip_norm is applied by the train step, which has the norm.)
     """
     name = opt_cfg.get("name")
     _choice("optimizer.name", name, ("sgd", "adam", "adamw"))
+    fused = opt_cfg.get("fused", False)
+    _require(isinstance(fused, bool), "optimizer.fused", fused, "must be True or False")
     schedule = _build_schedule(sched_cfg, opt_cfg.get("lr"), total_steps)
     if name == "sgd":
         optimizer = sgd(schedule, momentum=opt_cfg.get("momentum", 0.0),
                         nesterov=opt_cfg.get("nesterov", False),
-                        weight_decay=opt_cfg.get("weight_decay", 0.0))
+                        weight_decay=opt_cfg.get("weight_decay", 0.0), fused=fused)
     else:
         make, default_decay = (adam, 0.0) if name == "adam" else (adamw, 0.01)
         optimizer = make(schedule, b1=opt_cfg.get("b1", 0.9), b2=opt_cfg.get("b2", 0.999),
                          eps=opt_cfg.get("eps", 1e-8),
-                         weight_decay=opt_cfg.get("weight_decay", default_decay))
+                         weight_decay=opt_cfg.get("weight_decay", default_decay), fused=fused)
     return optimizer, schedule

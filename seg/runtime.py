@@ -62,6 +62,25 @@ def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
         cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
 
 
+@contextlib.contextmanager
+def cudnn_autotuning(enabled: bool = True) -> Iterator[None]:
+    """torch.backends.cudnn.benchmark for the duration: cuDNN times its convolution algorithms
+    on the first call of each input shape and keeps the fastest. Training shapes are fixed
+    (one crop size), so the search is paid once per shape; eval images of many sizes (VOC)
+    pay it once per padded size. Runs that ask for train.deterministic keep it off
+    (`deterministic_algorithms` turns it off): the fastest algorithm can differ between runs.
+    enabled=False changes nothing; the previous setting comes back afterwards."""
+    if not enabled:
+        yield
+        return
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def select_device(name: str, info: WorldInfo) -> torch.device:
     """train.device of this rank: "auto" is CUDA when available, else CPU; with torchrun,
     "cuda" is GPU number LOCAL_RANK."""
@@ -79,6 +98,14 @@ def select_device(name: str, info: WorldInfo) -> torch.device:
     except RuntimeError:
         raise ValueError(f"train.device={name!r} is not a device (auto, cpu, cuda, cuda:N)"
                          ) from None
+
+
+def device_name(device: torch.device) -> str:
+    """"cuda:0 (NVIDIA H200)", "cpu (8 threads)": what a startup line shows."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    threads = torch.get_num_threads()
+    return f"{device} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def environment(device: torch.device, world_size: int = 1) -> dict:

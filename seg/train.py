@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from seg import functional, losses, metrics, models
+from seg import amp, functional, losses, metrics, models, optim
 from seg.functional import Buffers, Params
 from seg.optim import Optimizer, Schedule
 
@@ -27,30 +27,37 @@ class TrainState(NamedTuple):
     params: Params      # all parameters, frozen ones included
     buffers: Buffers    # BatchNorm statistics
     opt_state: Any      # optimizer state over the trainable parameters only
+    loss_scale: amp.LossScaleState | None = None   # fp16: the dynamic loss scale (seg/amp.py)
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def init_state(params: Params, buffers: Buffers, optimizer: Optimizer, trainable: Iterable[str],
-               *, channels_last: bool = False) -> TrainState:
+               *, channels_last: bool = False, loss_scale: amp.LossScale | None = None
+               ) -> TrainState:
     """channels_last stores 4-D params (conv weights) in that memory format, and so the
     optimizer state made from them: a step built with channels_last=True then never mixes
-    layouts in its element-wise updates."""
+    layouts in its element-wise updates. loss_scale: the initial dynamic loss scale of an fp16
+    step (the same rule as the step's)."""
     if channels_last:
         params = functional.to_channels_last(params)
-    step = torch.zeros((), dtype=torch.int64, device=next(iter(params.values())).device)
+    device = next(iter(params.values())).device
+    step = torch.zeros((), dtype=torch.int64, device=device)
     opt_state = optimizer.init({k: params[k] for k in trainable})
-    return TrainState(step, params, buffers, opt_state)
+    scale = loss_scale.check().init(device) if loss_scale is not None else None
+    return TrainState(step, params, buffers, opt_state, scale)
 
 
 def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, schedule: Schedule,
                     *, trainable: Iterable[str], frozen_modules: Iterable[str] = (),
                     aux_weight: float = 0.0, grad_impl: str = "auto",
-                    compile: bool | str = False, donate: bool = False,
+                    compile: bool | str | Callable = False, donate: bool = False,
                     grad_reduce: GradReduce | None = None, skip_nonfinite: bool = False,
                     precision: str = "fp32", channels_last: bool = False,
-                    checkpoint_activations: bool = False
+                    checkpoint_activations: bool = False, clip_norm: float = 0.0,
+                    loss_scale: amp.LossScale | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds the train step.
 
@@ -60,19 +67,35 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
     skips a frame that calls torch.autograd.grad). "auto" picks func when compiling, else
     autograd. Both compute the same numbers (tests/test_train.py).
     compile: torch.compile with fullgraph=True, so a graph break is an error, not a slowdown;
-    a string names the backend (default inductor; tests use "aot_eager" to check graph capture).
+    a string names the backend (default inductor; tests use "aot_eager" to check graph capture),
+    a callable is one (seg/gpu_check.py counts the graphs it is given).
     donate: the step may reuse the input state's storage for the output state (see
     `Optimizer`); for loops that never look at an old state again. Same numbers.
     grad_reduce: `(grads, losses) -> (grads, losses)` applied before the optimizer update, e.g.
-    seg.distributed.make_grad_reduce's average over the data-parallel ranks.
+    seg.distributed.make_grad_reduce's average over the data-parallel ranks; one with an
+    `attach(leaves)` method (seg.distributed.BucketedGradReduce) is attached to the leaves
+    before an autograd backward, to start its all-reduces while the backward runs (with
+    grad_impl "func" its `flat` form is used: one all-reduce after the backward).
     skip_nonfinite: when the (reduced) loss is NaN or infinite, the step returns the input's
     params, buffers and optimizer state (selected with torch.where on a device flag: no host
     sync) and only the step counter advances. It needs the old state, so it turns `donate` off.
     Either way metrics["finite"] is that flag, for the caller to read when it syncs anyway.
     Metrics: "loss" (the objective), "loss_main" and, with an auxiliary head that counts,
-    "loss_aux" (seg.losses.head_losses), "lr" (the step's learning rate) and "finite".
+    "loss_aux" (seg.losses.head_losses), "lr" (the step's learning rate), "finite" and
+    "grad_norm": the 2-norm of all gradients (after averaging over ranks and unscaling, before
+    clipping), as torch.nn.utils.clip_grad_norm_ computes it; fp16 adds "loss_scale" (the
+    scale this step used) and "overflow" (its gradients overflowed: skipped).
+    clip_norm > 0: gradients scaled by min(1, clip_norm / (grad_norm + 1e-6)), the arithmetic
+    of clip_grad_norm_ (optimizer.clip_norm).
     precision: "bf16" runs the forward under bf16 autocast; params, gradients, optimizer state,
     the loss and the metrics stay float32 (the loss reads the logits cast back to float32).
+    "fp16" does the same under float16 autocast, for GPUs without bf16 (V100, T4, RTX 20xx),
+    with dynamic loss scaling (seg/amp.py; `loss_scale` is the rule, default GradScaler's; the
+    state comes from `init_state(..., loss_scale=...)`): the loss is multiplied by the scale
+    before the backward and the gradients divided by it; a step whose gradients overflow
+    leaves params, BatchNorm statistics and optimizer state as they were (torch.where on a
+    device flag, as skip_nonfinite) and backs the scale off. An imperative loop with GradScaler
+    skips only the optimizer step and keeps the forward's BatchNorm update.
     channels_last: the images enter in channels_last memory format (pair it with
     `init_state(..., channels_last=True)` for the params).
     checkpoint_activations: the model's blocks (`models.CHECKPOINT_BLOCKS`) keep only their
@@ -92,13 +115,29 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
     if checkpoint_activations and grad_impl != "autograd":
         raise ValueError("train.checkpoint_activations=True needs train.grad_impl='autograd' "
                          "(torch.func.grad has no saved-tensor hooks), so train.compile=False")
+    if compile and getattr(optimizer, "fused", False):
+        raise ValueError("optimizer.fused=True runs torch's fused kernels, which torch.compile "
+                         "cannot trace; with train.compile=True inductor fuses the update itself")
+    if clip_norm < 0:
+        raise ValueError(f"optimizer.clip_norm={clip_norm!r} must be >= 0 (0: no clipping)")
     if checkpoint_activations:
         model = functional.recompute_blocks(model, models.CHECKPOINT_BLOCKS)
     forward = _forward(model, precision, channels_last)
+    if grad_impl == "func" and hasattr(grad_reduce, "attach"):
+        # torch.func has no hooks to start all-reduces from: one after the backward, as a pure
+        # function that torch.compile traces (the overlapping object keeps per-step state)
+        grad_reduce = grad_reduce.flat
+    scaled = precision == "fp16"
+    loss_scale = (loss_scale or amp.LossScale()).check() if scaled else None
+    skips = skip_nonfinite or scaled   # a skipped step needs the old state: no donation
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         images, masks = batch
         fixed = {k: v for k, v in state.params.items() if k not in trainable_set}
+        if scaled and state.loss_scale is None:
+            raise ValueError("train.precision='fp16' needs a loss scale in the train state: "
+                             "init_state(..., loss_scale=LossScale())")
+        scale = state.loss_scale["scale"] if scaled else None
 
         def loss_of(train_params: Params):
             out, new_buffers = forward({**fixed, **train_params}, state.buffers, images)
@@ -107,32 +146,47 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
                 # statistics a second time: keep the forward's values.
                 new_buffers = {k: v.clone() for k, v in new_buffers.items()}
             parts = losses.head_losses(out, masks, loss_fn, aux_weight)
-            loss = parts.pop("loss")
-            return loss, (new_buffers, {k: v.detach() for k, v in parts.items()})
+            objective = parts["loss"] * scale if scaled else parts["loss"]
+            return objective, (new_buffers, {k: v.detach() for k, v in parts.items()})
 
         train_params = {k: state.params[k] for k in trainable}
         if grad_impl == "func":
-            grads, (loss, (new_buffers, parts)) = torch.func.grad_and_value(
+            grads, (_, (new_buffers, scalars)) = torch.func.grad_and_value(
                 loss_of, has_aux=True)(train_params)
         else:
             leaves = {k: v.detach().requires_grad_(True) for k, v in train_params.items()}
+            if hasattr(grad_reduce, "attach"):   # all-reduces overlapping the backward
+                grad_reduce.attach(leaves)
             with torch.enable_grad():
-                loss, (new_buffers, parts) = loss_of(leaves)
-                grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
-            loss = loss.detach()
-        scalars = {"loss": loss, **parts}
+                objective, (new_buffers, scalars) = loss_of(leaves)
+                grads = dict(zip(leaves, torch.autograd.grad(objective, list(leaves.values()))))
         if grad_reduce is not None:
             grads, scalars = grad_reduce(grads, scalars)
+        out_metrics = {**scalars, "lr": schedule(state.step)}
+        names, g = list(grads), list(grads.values())
+        apply = None   # where the step's update is kept (a device flag), None: always
+        if scaled:
+            g = amp.unscale(g, scale)
+            overflow = amp.overflowed(g)
+            apply = ~overflow
+            out_metrics.update(loss_scale=scale, overflow=overflow)
+        norm = optim.global_norm(g)
+        if clip_norm:
+            g = optim.clip_by_global_norm(g, clip_norm, norm)
+        grads = dict(zip(names, g))
         finite = torch.isfinite(scalars["loss"])
-        new_params, opt_state = optimizer.update(grads, state.opt_state, train_params,
-                                                 donate=donate and not skip_nonfinite)
-        params = {k: new_params.get(k, v) for k, v in state.params.items()}
         if skip_nonfinite:
+            apply = finite if apply is None else apply & finite
+        new_params, opt_state = optimizer.update(grads, state.opt_state, train_params,
+                                                 donate=donate and not skips)
+        params = {k: new_params.get(k, v) for k, v in state.params.items()}
+        if apply is not None:
             params, new_buffers, opt_state = tree_map(
-                lambda new, old: torch.where(finite, new, old),
+                lambda new, old: torch.where(apply, new, old),
                 (params, new_buffers, opt_state), (state.params, state.buffers, state.opt_state))
-        out_metrics = {**scalars, "lr": schedule(state.step), "finite": finite}
-        return TrainState(state.step + 1, params, new_buffers, opt_state), out_metrics
+        new_scale = loss_scale.update(state.loss_scale, overflow) if scaled else state.loss_scale
+        out_metrics.update(finite=finite, grad_norm=norm)
+        return TrainState(state.step + 1, params, new_buffers, opt_state, new_scale), out_metrics
 
     core = _compiled(step, compile)
 
@@ -225,21 +279,21 @@ def _forward(model: nn.Module, precision: str, channels_last: bool) -> Callable:
     def forward(params: Params, buffers: Buffers, images: Tensor) -> tuple[dict, Buffers]:
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with (torch.autocast(images.device.type, dtype=torch.bfloat16) if precision == "bf16"
+        with (torch.autocast(images.device.type, dtype=_AUTOCAST[precision])
+              if precision in _AUTOCAST
               else contextlib.nullcontext()):  # fp32 leaves a caller's own autocast alone
             out, new_buffers = functional.apply(model, params, buffers, images)
-        # at least float32 (bf16 autocast outputs are cast up; float64 stays float64)
+        # at least float32 (autocast outputs are cast up; float64 stays float64)
         return {k: v.to(torch.promote_types(v.dtype, torch.float32)) for k, v in out.items()}, \
             new_buffers
 
     return forward
 
 
-def _compiled(fn: Callable, compile: bool | str) -> Callable:
+def _compiled(fn: Callable, compile: bool | str | Callable) -> Callable:
     if not compile:
         return fn
-    return torch.compile(fn, fullgraph=True,
-                         backend=compile if isinstance(compile, str) else "inductor")
+    return torch.compile(fn, fullgraph=True, backend="inductor" if compile is True else compile)
 
 
 def evaluate(eval_step: EvalStep, params: Params, buffers: Buffers, batches: Iterable[tuple],

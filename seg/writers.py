@@ -62,7 +62,8 @@ class Writer:
 
     def record(self, record: dict, **shown) -> None:
         """Appends to metrics.jsonl (and TensorBoard) and prints the record's progress line;
-        `shown` is printed only (steps: the run's length, eta_s: the estimated time left)."""
+        `shown` is printed only (steps: the run's length, eta_s: the estimated time left,
+        eta_measured: whether every part of that estimate was measured)."""
         if not self.enabled:
             return
         self.rundir.log.append(record)
@@ -88,23 +89,63 @@ class Writer:
             self.tensorboard.close()
 
 
-def progress_line(record: dict, steps: int | None = None, eta_s: float | None = None) -> str:
-    """The line printed for a record: the train losses, lr, throughput and ETA; an eval's
-    mIoU, pixel accuracy and loss."""
+def progress_line(record: dict, steps: int | None = None, eta_s: float | None = None,
+                  eta_measured: bool = True) -> str:
+    """The line printed for a record. Train: the losses (main and auxiliary head apart), lr,
+    gradient norm, throughput, the time of a step and how much of it went to waiting for data,
+    peak device memory, fp16's loss scale and overflows, skipped steps and the time left
+    (">" while the evaluations still to come have not been timed). Eval: mIoU, pixel accuracy
+    and loss."""
     step, split = record["step"], record["split"]
-    if split == "train":
-        parts = [f"step {step}/{steps or '?'}", f"loss {_num(record['loss'])}"]
-        if "loss_aux" in record:
-            parts.append(f"(main {_num(record['loss_main'])} aux {_num(record['loss_aux'])})")
-        parts += [f"lr {record['lr']:.3g}", f"{record['images_per_s']:.1f} img/s"]
-        if eta_s is not None:
-            parts.append(f"eta {eta_s:.0f}s")
-        if record.get("skipped"):
-            parts.append(f"skipped {record['skipped']}")
-        return "  ".join(parts)
-    return (f"step {step}  {split} miou {_num(record['miou'])}  pixel_acc "
-            f"{_num(record['pixel_acc'])}  loss {_num(record['loss'])}")
+    if split != "train":
+        return (f"step {step}  {split} miou {_num(record['miou'])}  pixel_acc "
+                f"{_num(record['pixel_acc'])}  loss {_num(record['loss'])}")
+    parts = [f"step {step}/{steps or '?'}", f"loss {_num(record['loss'])}"]
+    if "loss_aux" in record:
+        parts.append(f"(main {_num(record['loss_main'])} aux {_num(record['loss_aux'])})")
+    parts.append(f"lr {record['lr']:.3g}")
+    if "grad_norm" in record:
+        parts.append(f"grad {_num(record['grad_norm'], 3)}")
+    parts.append(f"{record['images_per_s']:.1f} img/s")
+    if "step_s" in record:
+        parts.append(f"step {record['step_s']:.3f}s (data {record['data_s']:.3f}s)")
+    if record.get("peak_mem_gib") is not None:
+        parts.append(f"mem {record['peak_mem_gib']:.1f}G")
+    if "loss_scale" in record:
+        parts.append(f"scale {record['loss_scale']:g}" + (
+            f" ({record['overflows']} overflowed)" if record.get("overflows") else ""))
+    if record.get("skipped"):
+        parts.append(f"skipped {record['skipped']}")
+    if eta_s is not None:
+        parts.append(f"eta {'' if eta_measured else '>'}{hms(eta_s)}")
+    return "  ".join(parts)
 
 
-def _num(v) -> str:
-    return "n/a" if v is None or v != v else f"{v:.4f}"
+def startup_line(info: dict) -> str:
+    """What a run is about to do, printed before its first step (which may take a minute to
+    compile): device, model size, data, steps and the fast-path settings."""
+    images = " / ".join(f"{n} {k}" for k, n in info["images"].items())
+    ranks = f" x {info['ranks']} ranks" if info["ranks"] > 1 else ""
+    start = f" from step {info['start']}" if info["start"] else ""
+    return (f"{info['device']}{ranks}  {info['model']} {info['params'] / 1e6:.2f}M params "
+            f"({info['trainable_params'] / 1e6:.2f}M trained)  images {images}  batch "
+            f"{info['batch_size']}, {info['steps_per_epoch']} steps/epoch  {info['steps']} "
+            f"steps{start}  precision {info['precision']}"
+            f"{'  compile' if info['compile'] else ''}"
+            f"{'  channels_last' if info['channels_last'] else ''}")
+
+
+def first_step_line(step: int, lap, compiled: bool = False) -> str:
+    """The first step's time (a tracking.Lap): compilation and cuDNN autotuning happen there."""
+    return (f"step {step} took {lap.seconds:.1f}s (the first{', compiled' if compiled else ''}; "
+            f"data {lap.data_wait:.1f}s)")
+
+
+def hms(seconds: float) -> str:
+    """h:mm:ss."""
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _num(v, digits: int = 4) -> str:
+    return "n/a" if v is None or v != v else f"{v:.{digits}f}"

@@ -58,16 +58,18 @@ def global_batches(data):
         yield images, torch.where(masks == synthetic.IGNORE_INDEX, 0, masks)
 
 
-def train(data, *, sync_bn: bool, world: bool, grad_impl: str = "autograd"):
+def train(data, *, sync_bn: bool, world: bool, grad_impl: str = "autograd",
+          bucket_mb: float = 0.0):
     """STEPS steps of SGD with momentum; on this rank's slice when `world`, else the whole
-    batch."""
+    batch. bucket_mb > 0: the gradients' all-reduce overlaps the backward in such buckets."""
     model, params, buffers = functional.init(lambda: models.build(MODEL, 3), seed=0)
     if sync_bn:
         distributed.convert_sync_batchnorm(model)
     optimizer = optim.sgd(0.05, momentum=0.9)
+    reduce = distributed.grad_reducer(bucket_mb=bucket_mb) if world else None
     step = seg_train.make_train_step(
         model, losses.cross_entropy, optimizer, optim.constant(0.05), trainable=list(params),
-        grad_impl=grad_impl, grad_reduce=distributed.make_grad_reduce() if world else None)
+        grad_impl=grad_impl, grad_reduce=reduce)
     state = seg_train.init_state(params, buffers, optimizer, list(params))
     rank, size = dist.get_rank(), dist.get_world_size()
     losses_seen = []
@@ -77,6 +79,8 @@ def train(data, *, sync_bn: bool, world: bool, grad_impl: str = "autograd"):
             images, masks = images[mine], masks[mine]
         state, m = step(state, (images, masks))
         losses_seen.append(m["loss"].item())
+    if bucket_mb:   # how many all-reduces the last step started before its backward ended
+        losses_seen.append(reduce.started_in_backward)
     return state, losses_seen
 
 
@@ -85,12 +89,18 @@ def library_checks(result: dict) -> None:
     rank = dist.get_rank()
     synced, synced_losses = train(data, sync_bn=True, world=True)
     synced_func, _ = train(data, sync_bn=True, world=True, grad_impl="func")
-    local, _ = train(data, sync_bn=False, world=True)
+    # torch.func cannot hook the backward: the bucketed reducer falls back to its flat form
+    func_buckets, _ = train(data, sync_bn=True, world=True, grad_impl="func", bucket_mb=0.004)
+    local, local_losses = train(data, sync_bn=False, world=True)
+    # 4 KB buckets: the tiny UNet's gradients go out in many all-reduces during the backward
+    overlapped, overlapped_losses = train(data, sync_bn=False, world=True, bucket_mb=0.004)
     averaged = distributed.average_buffers(local.buffers)
     gathered = distributed.gather_objects({
         "synced": digest(synced.params, synced.buffers, synced.opt_state),
         "local_params": digest(local.params, local.opt_state),
         "local_buffers": digest(local.buffers), "averaged": digest(averaged),
+        "overlapped": digest(overlapped.params, overlapped.buffers, overlapped.opt_state),
+        "local_all": digest(local.params, local.buffers, local.opt_state),
         "running_mean": local.buffers["inc.1.running_mean"]})
     g = torch.Generator().manual_seed(0)  # a few steps predict one class: shake the weights
     shaken = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in synced.params.items()}
@@ -104,6 +114,13 @@ def library_checks(result: dict) -> None:
         "local_params_identical": gathered[0]["local_params"] == gathered[1]["local_params"],
         "local_buffers_identical": gathered[0]["local_buffers"] == gathered[1]["local_buffers"],
         "averaged_identical": gathered[0]["averaged"] == gathered[1]["averaged"],
+        # the same sums divided by the same world size: bit for bit the flat all-reduce's
+        "overlapped_equals_flat": all(g["overlapped"] == g["local_all"] for g in gathered),
+        "overlapped_losses_equal": overlapped_losses[:-1] == local_losses,
+        "func_buckets_equal_flat": max_diff(func_buckets.params, synced_func.params) == 0,
+        "started_in_backward": overlapped_losses[-1],
+        "overlap_buckets": len(distributed.BucketedGradReduce(bucket_mb=0.004)._bucket(
+            dict(synced.params))),
         "averaged_is_the_mean": torch.allclose(averaged["inc.1.running_mean"], mean_of_ranks,
                                                rtol=0, atol=1e-7),
         "sync_vs_single_params": max_diff(synced.params, single.params),
@@ -165,7 +182,8 @@ def loop_run(workdir: Path, sync_bn: bool) -> dict:
         cfg.model.base_channels, cfg.model.depth = 4, 2
         cfg.data.update(image_size=32, num_train=16, num_val=8, num_test=8)
         cfg.train.update(steps=4, batch_size=4, eval_every=2, log_every=2, checkpoint_every=2,
-                         eval_batch_size=8, sync_bn=sync_bn)
+                         eval_batch_size=8, sync_bn=sync_bn,
+                         grad_bucket_mb=25.0 if sync_bn else 0.002)   # local BN: overlapped
         loop.train_and_evaluate(cfg, workdir)
     finally:
         seg_train.make_train_step, seg_train.make_eval_step = make_train_step, make_eval_step

@@ -126,6 +126,10 @@ def test_ranks_hold_identical_states(torchrun):
     # per-rank BN statistics drift apart until averaged
     assert not r["local_buffers_identical"] and r["averaged_identical"]
     assert r["averaged_is_the_mean"]
+    # the all-reduce overlapped with the backward, in many buckets, gives the flat one's numbers
+    assert r["overlap_buckets"] > 2 and r["started_in_backward"] == r["overlap_buckets"]
+    assert r["overlapped_equals_flat"] and r["overlapped_losses_equal"]
+    assert r["func_buckets_equal_flat"]
     for run in ("run_local_bn", "run_sync_bn"):  # the training loop's final state
         assert r[run] == {"params": True, "buffers": True, "opt_state": True}
 

@@ -133,8 +133,8 @@ def test_activation_checkpointing_refuses_what_it_cannot_do():
 
 def test_unknown_precision_names_the_field():
     model = models.build(unet_cfg(), 3)
-    with pytest.raises(ValueError, match="train.precision='fp16'"):
-        seg_train.make_eval_step(model, losses.cross_entropy, 3, precision="fp16")
+    with pytest.raises(ValueError, match="train.precision='fp8'"):
+        seg_train.make_eval_step(model, losses.cross_entropy, 3, precision="fp8")
 
 
 def test_compiled_fast_path_matches_eager_fast_path():

@@ -12,7 +12,8 @@ from seg.data import roots
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py")
-                       if p.stem not in ("__init__", "common", "presets", "ablations"))
+                       if p.stem not in ("__init__", "common", "presets", "ablations",
+                                         "benchmarks"))
 FOLDERS = {"camvid": "camvid", "membrane": "membrane", "bagdata": "bagdata", "voc": "VOCdevkit",
            "pets": "oxford-iiit-pet", "cityscapes": "cityscapes",
            "ade20k": "ADEChallengeData2016"}

@@ -17,6 +17,7 @@ import torch
 
 from configs import unet
 from seg import loop
+from seg.tracking import TIMING_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 # 48 short steps: about a second of training after the first checkpoint, time to kill it
@@ -45,7 +46,7 @@ def command(workdir):
 def records(workdir):
     """metrics.jsonl parsed line by line (a torn line would raise), timings dropped."""
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
 
 
 def assert_same_final_state(workdir, reference):

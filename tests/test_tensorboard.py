@@ -40,7 +40,7 @@ def test_writer_mirrors_every_record_with_class_names(tmp_path, capsys):
         ("test/pixel_acc", 0.9, 4), ("test/loss", 0.3, 4)]
     assert len(run.log.read()) == 2
     assert capsys.readouterr().out.splitlines() == [
-        "step 3/10  loss 0.2500  lr 0.1  2.0 img/s  eta 7s",
+        "step 3/10  loss 0.2500  lr 0.1  2.0 img/s  eta 0:00:07",
         "step 4  test miou 0.6250  pixel_acc 0.9000  loss 0.3000"]
 
 

@@ -216,3 +216,46 @@ def test_evaluate_matches_direct_computation():
     # the split's loss: the mean over all its valid pixels, not a mean of batch means
     assert result["loss"] == pytest.approx(loss_sum / pixels, rel=1e-6)
     assert result["miou"] == pytest.approx(metrics.scores(torch.tensor(cm))["miou"])
+
+
+def test_grad_norm_and_clipping_match_clip_grad_norm_in_an_imperative_loop():
+    """The step's grad_norm is clip_grad_norm_'s total norm and optimizer.clip_norm clips as it
+    does: same operations, so the losses, norms and params agree bit for bit."""
+    steps, clip = 3, 0.02   # the norms are 0.025-0.03 here
+    model, params, buffers = functional.init(lambda: models.build(unet_cfg(), 3), seed=0)
+    optimizer = optim.sgd(0.05, momentum=0.9, weight_decay=1e-4)
+    step = seg_train.make_train_step(model, losses.cross_entropy, optimizer, optim.constant(0.05),
+                                     trainable=list(params), clip_norm=clip)
+    state = seg_train.init_state(params, buffers, optimizer, list(params))
+    torch.manual_seed(123)  # dropout
+    norms = []
+    for batch in batches(steps):
+        state, m = step(state, batch)
+        norms.append(m["grad_norm"])
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ref = models.build(unet_cfg(), 3).train()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4,
+                          foreach=True)
+    torch.manual_seed(123)
+    ref_norms = []
+    for images, masks in batches(steps):
+        opt.zero_grad()
+        losses.total_loss(ref(images), masks, losses.cross_entropy, 0.0).backward()
+        ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), clip, foreach=True))
+        opt.step()
+    assert torch.equal(torch.stack(norms), torch.stack(ref_norms))
+    assert min(norms) > clip   # every step was clipped
+    for k, v in ref.named_parameters():
+        assert torch.equal(state.params[k], v.detach()), k
+
+
+def test_fused_optimizers_and_negative_clip_norms_are_refused_where_they_cannot_work():
+    model, params, _ = functional.init(lambda: models.build(unet_cfg(), 3), seed=0)
+    make = lambda opt, **kw: seg_train.make_train_step(
+        model, losses.cross_entropy, opt, optim.constant(0.1), trainable=list(params), **kw)
+    with pytest.raises(ValueError, match="optimizer.fused=True.*compile"):
+        make(optim.adamw(1e-3, fused=True), compile=True)
+    with pytest.raises(ValueError, match="optimizer.clip_norm=-1.0"):
+        make(optim.sgd(0.1), clip_norm=-1.0)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from seg.tracking import TIMING_KEYS
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config.train.steps=6", "--config.train.batch_size=4", "--config.train.eval_every=3",
         "--config.train.log_every=2", "--config.train.checkpoint_every=3",
@@ -51,7 +53,9 @@ def test_run_directory_contract(finished_run):
     assert train_steps == [2, 4, 6]
     for r in records:
         if r["split"] == "train":
-            assert {"loss", "lr", "images_per_s"} <= set(r) and r["images_per_s"] > 0
+            assert {"loss", "lr", "images_per_s", "grad_norm", "step_s", "data_s"} <= set(r)
+            assert r["images_per_s"] > 0 and r["grad_norm"] > 0
+            assert 0 <= r["data_s"] < r["step_s"]
         else:
             assert EVAL_KEYS <= set(r)
             assert len(r["iou_per_class"]) == 3
@@ -77,6 +81,10 @@ def test_run_directory_contract(finished_run):
     assert json.loads((workdir / "inference.json").read_text())["class_names"] == \
         summary["class_names"]
     assert "step 6/6" in proc.stdout and "eta" in proc.stdout
+    # the startup line comes before any step: where, what, how much data, how many steps
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("cpu") and "unet" in first and "16 train / 8 val / 8 test" in first
+    assert "4 steps/epoch" in first and "6 steps" in first and "precision fp32" in first
 
 
 def test_resume_ends_with_the_same_numbers(finished_run, tmp_path):
@@ -92,7 +100,7 @@ def test_resume_ends_with_the_same_numbers(finished_run, tmp_path):
     proc = train(crashed)
     assert "resumed from step 3" in proc.stdout
     full, resumed = read_jsonl(workdir / "metrics.jsonl"), read_jsonl(crashed / "metrics.jsonl")
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rs]
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rs]
     assert strip(resumed) == strip(full)  # same records, same numbers, nothing duplicated
 
 
@@ -175,7 +183,8 @@ def test_bad_data_met_in_a_loader_worker_is_a_one_line_error(tmp_path):
     ("--config.optimizer.name=lamb", "optimizer.name"),
     ("--config.train.freeze=('encoder',)", "train.freeze"),
     ("--config.data.scale_range=(2.0,0.5)", "data.scale_range"),
-    ("--config.train.precision=fp16", "train.precision"),
+    ("--config.train.precision=fp8", "train.precision"),
+    ("--config.optimizer.clip_norm=-1.0", "optimizer.clip_norm"),
 ])
 def test_bad_config_values_are_one_line_errors(tmp_path, override, field):
     proc = train(tmp_path / "w", override, check=False)
