@@ -6,17 +6,19 @@ import inspect
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from seg.models.backbones import BLOCKS
 from seg.models.deeplabv3 import DeepLabV3
 from seg.models.fcn import FCNResNet, FCNVGG
 from seg.models.pspnet import PSPNet
 from seg.models.twostream import TwoStreamPSPNet
 from seg.models.unet import DoubleConv, UNet
 
-# The units that train.checkpoint_activations recomputes in the backward: each ResNet block
-# and each UNet double conv; their outputs are what the following layers need anyway.
-CHECKPOINT_BLOCKS = (BasicBlock, Bottleneck, DoubleConv)
+# The units that train.checkpoint_activations recomputes in the backward: each block of an
+# encoder (ResNet and RegNet bottlenecks, inverted residuals, ConvNeXt and Swin blocks; see
+# backbones.FAMILIES) and each UNet double conv; their outputs are what the following layers
+# need anyway.
+CHECKPOINT_BLOCKS = (*BLOCKS, DoubleConv)
 
 # model.name -> the definition; every other field of config.model is a keyword argument of it
 MODELS = {"unet": UNet, "pspnet": PSPNet, "deeplabv3": DeepLabV3, "fcn": FCNVGG,
@@ -59,5 +61,5 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["CHECKPOINT_BLOCKS", "MODELS", "DeepLabV3", "FCNResNet", "FCNVGG", "PSPNet", "TwoStreamPSPNet",
-           "UNet", "build", "forward_flops", "param_count"]
+__all__ = ["CHECKPOINT_BLOCKS", "MODELS", "DeepLabV3", "FCNResNet", "FCNVGG", "PSPNet",
+           "TwoStreamPSPNet", "UNet", "build", "forward_flops", "param_count"]
