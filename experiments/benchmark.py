@@ -8,14 +8,14 @@
 Modes (each skipped where it does not apply):
   imperative     the baseline: the same nn.Module (loaded from our initial params) trained with
                  loss.backward() and torch.optim (foreach), frozen params excluded;
-  torchvision    torchvision's fcn_resnet50 / deeplabv3_resnet50 (weights=None, our params
-                 loaded: same names) in that same loop;
+  torchvision    torchvision's fcn_resnet50 / deeplabv3_resnet50 / lraspp_mobilenet_v3_large
+                 (weights=None, our params loaded under its names) in that same loop;
   eager          seg.train.make_train_step, eager, state donated (as experiments/train.py);
   compile        the same step under torch.compile (--compile_backend, fullgraph);
   bf16           bf16 autocast forward, fp32 weights and loss;
   channels_last  channels_last images and conv weights;
   fast           compile + bf16 + channels_last;
-  checkpoint     eager with activation checkpointing of the ResNet / UNet blocks.
+  checkpoint     eager with activation checkpointing of the encoder's blocks / UNet double convs.
 All start from the same weights and see the same batch. Modes run round-robin, the order
 rotating each round, so machine drift hits all alike; "x imperative" is the median over rounds
 of the paired per-round ratio, which cancels the drift a ratio of medians would keep; on CPU
@@ -45,9 +45,11 @@ import torch
 import torchvision
 from absl import app, flags
 
-from configs import deeplabv3, fcn8s, fcn_resnet50, pspnet, unet
+from configs import (backbone_unet, deeplabv3, deeplabv3plus, fcn8s, fcn_resnet50, fpn, lraspp,
+                     pspnet, unet, upernet)
 from seg import runtime
 from seg import functional, losses, models, optim, rundir
+from seg.models.backbones import from_torchvision_segmentation
 from seg import train as seg_train
 
 # name: (label, config module, model overrides)
@@ -57,9 +59,17 @@ MODELS = {
     "pspnet": ("PSPNet-R50", pspnet, {"backbone": "resnet50"}),
     "deeplabv3": ("DeepLabV3-R50", deeplabv3, {"backbone": "resnet50"}),
     "fcn_resnet50": ("FCN-R50", fcn_resnet50, {}),
+    "deeplabv3plus": ("DeepLabV3+-R50", deeplabv3plus, {"backbone": "resnet50"}),
+    "upernet": ("UPerNet-R50", upernet, {"backbone": "resnet50"}),
+    "upernet_convnext": ("UPerNet-ConvNeXt-T", upernet, {"backbone": "convnext_tiny"}),
+    "upernet_swin": ("UPerNet-Swin-T", upernet, {"backbone": "swin_t"}),
+    "fpn": ("SemanticFPN-R50", fpn, {"backbone": "resnet50"}),
+    "lraspp": ("LR-ASPP-MobileNetV3-L", lraspp, {}),
+    "backbone_unet": ("UNet-decoder-R34", backbone_unet, {}),
 }
 TORCHVISION = {"deeplabv3": torchvision.models.segmentation.deeplabv3_resnet50,
-               "fcn_resnet50": torchvision.models.segmentation.fcn_resnet50}
+               "fcn_resnet50": torchvision.models.segmentation.fcn_resnet50,
+               "lraspp": torchvision.models.segmentation.lraspp_mobilenet_v3_large}
 # name: make_train_step options; None marks the torch.optim loops.
 MODES = {
     "imperative": None,
@@ -124,7 +134,7 @@ class Setup:
         if mode == "torchvision" and self.name not in TORCHVISION:
             return "no torchvision equivalent"
         if mode == "checkpoint" and not self.has_blocks():
-            return "no ResNet or UNet block"
+            return "no block to recompute"
         if (MODES[mode] or {}).get("precision") == "bf16" and self.device.type == "cuda" and \
                 not torch.cuda.is_bf16_supported(including_emulation=False):
             return "no bf16 on this GPU"
@@ -156,11 +166,17 @@ def imperative_runner(s: Setup, torchvision_model: bool):
     cfg = s.cfg
     _, params, buffers = s.init()
     if torchvision_model:
+        aux = {"aux_loss": cfg.model.aux} if "aux" in cfg.model else {}
         model = TORCHVISION[s.name](weights=None, weights_backbone=None,
-                                    num_classes=cfg.data.num_classes, aux_loss=cfg.model.aux)
+                                    num_classes=cfg.data.num_classes, **aux)
     else:
         model = models.build(cfg.model, cfg.data.num_classes)
-    model.load_state_dict({**params, **buffers})  # strict: torchvision's names are ours
+    state = {**params, **buffers}
+    if torchvision_model:  # its MobileNetV3 models name the encoder's modules without features.
+        theirs = list(model.state_dict())
+        ours = from_torchvision_segmentation(dict.fromkeys(theirs), cfg.model.backbone)
+        state = {their_name: state[our_name] for our_name, their_name in zip(ours, theirs)}
+    model.load_state_dict(state)  # strict
     model.to(s.device).train()
     _, frozen = functional.split_trainable(dict(model.named_parameters()), cfg.train.freeze)
     for name, p in model.named_parameters():
