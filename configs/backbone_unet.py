@@ -16,7 +16,8 @@ def get_config(arg=None):
     c.model.decoder_channels = (256, 128, 64, 32, 16)
     c.model.bilinear = False
     c.model.drop_path = config_dict.placeholder(float)  # stochastic depth; None: torchvision's
-    c.optimizer.name = "adam"   # as configs/unet.py
-    c.optimizer.lr = 1e-3
-    c.optimizer.weight_decay = 0.0
+    # From scratch on the embedded data, UNet's Adam 1e-3 left it predicting background after 300
+    # steps (val mIoU 0.26); SGD at the other encoder configs' 0.05 reached 0.49 in 150 (512
+    # training images).
+    c.optimizer.lr = 0.05
     return presets.apply(c, arg)
