@@ -15,6 +15,10 @@ experiments/ablate.py (every variant with every seed, seg/sweep.py) and compared
   unet       UNet on a binary task (Ronneberger et al. 2015): bilinear against transposed-conv
              upsampling, crossed with BCE against BCE + (1 - soft IoU). Without a preset the
              embedded data runs with two classes; a preset must give a binary dataset.
+  backbones  one head (--model, default upernet) on encoders of every family: ResNet-18,
+             MobileNetV3-Large, EfficientNet-B0, RegNetY-400MF, ConvNeXt-T, Swin-T (the grid of
+             segmentation_models.pytorch). ConvNeXt and Swin cannot dilate: with a head that
+             dilates its encoder they run at output stride 32, and their variant says so.
 """
 from __future__ import annotations
 
@@ -25,11 +29,15 @@ from seg.config import set_field
 from seg.errors import ConfigError
 
 
-def loss(preset: str | None = None, model: str = "pspnet") -> dict:
+def _config_module(model: str):
     try:
-        get_config = importlib.import_module(f"configs.{model}").get_config
+        return importlib.import_module(f"configs.{model}")
     except ModuleNotFoundError:
         raise ConfigError(f"--model={model!r}: there is no configs/{model}.py") from None
+
+
+def loss(preset: str | None = None, model: str = "pspnet") -> dict:
+    get_config = _config_module(model).get_config
     configs = {"cross_entropy": get_config(preset)}
     for gamma in (0.5, 1.0, 2.0):
         c = get_config(preset)
@@ -74,13 +82,36 @@ def unet(preset: str | None = None) -> dict:
     return configs
 
 
-STUDIES = {"loss": loss, "fcn_skips": fcn_skips, "pspnet": pspnet, "unet": unet}
+ENCODERS = ("resnet18", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf",
+            "convnext_tiny", "swin_t")
+
+
+def backbones(preset: str | None = None, model: str = "upernet") -> dict:
+    get_config = _config_module(model).get_config
+    configs = {}
+    for encoder in ENCODERS:
+        c = get_config(preset)
+        if "backbone" not in c.model:
+            raise ConfigError(f"--model={model!r}: configs/{model}.py has no model.backbone")
+        c.model.backbone = encoder
+        name = encoder
+        if encoder in ("convnext_tiny", "swin_t") and c.model.get("output_stride", 32) != 32:
+            c.model.output_stride = 32
+            name = f"{encoder}-os32"
+        configs[name] = c
+    return configs
+
+
+STUDIES = {"loss": loss, "fcn_skips": fcn_skips, "pspnet": pspnet, "unet": unet,
+           "backbones": backbones}
+TAKE_MODEL = ("loss", "backbones")  # the studies that --model picks the base config of
 
 
 def variants(study: str, preset: str | None = None, model: str | None = None) -> dict:
     """The variants of `study`; `model` picks the base config of the studies that take one."""
     if study not in STUDIES:
         raise ConfigError(f"--study={study!r} is not one of {', '.join(STUDIES)}")
-    if model is not None and study != "loss":
-        raise ConfigError(f"--model applies to --study=loss only; {study!r} fixes its model")
+    if model is not None and study not in TAKE_MODEL:
+        raise ConfigError(f"--model applies to --study={' and '.join(TAKE_MODEL)} only; "
+                          f"{study!r} fixes its model")
     return STUDIES[study](preset) if model is None else STUDIES[study](preset, model=model)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common, deeplabv3, fcn8s, fcn_resnet50, presets, pspnet, unet
+from configs import (backbone_unet, common, deeplabv3, deeplabv3plus, fcn8s, fcn_resnet50, fpn,
+                     lraspp, presets, pspnet, unet, upernet)
 
 # name: (label, config module, model overrides): the papers' networks
 MODELS = {
@@ -14,6 +15,13 @@ MODELS = {
     "pspnet": ("PSPNet-R50", pspnet, {"backbone": "resnet50"}),
     "deeplabv3": ("DeepLabV3-R50", deeplabv3, {"backbone": "resnet50"}),
     "fcn_resnet50": ("FCN-R50", fcn_resnet50, {}),
+    "deeplabv3plus": ("DeepLabV3+-R50", deeplabv3plus, {"backbone": "resnet50"}),
+    "upernet": ("UPerNet-R50", upernet, {"backbone": "resnet50"}),
+    "upernet_convnext": ("UPerNet-ConvNeXt-T", upernet, {"backbone": "convnext_tiny"}),
+    "upernet_swin": ("UPerNet-Swin-T", upernet, {"backbone": "swin_t"}),
+    "fpn": ("SemanticFPN-R50", fpn, {"backbone": "resnet50"}),
+    "lraspp": ("LR-ASPP-MobileNetV3-L", lraspp, {}),
+    "backbone_unet": ("UNet-decoder-R34", backbone_unet, {}),
 }
 
 

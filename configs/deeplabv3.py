@@ -6,6 +6,8 @@ images the stride-8 features are 8x8, so rates 12-24-36 reach only padding outsi
 tap and those branches act as 1x1 convs (the paper's own observation on large rates, and why
 it adds image pooling); larger data.image_size gives them their meaning back.
 """
+from ml_collections import config_dict
+
 from configs import common, presets
 
 
@@ -16,6 +18,7 @@ def get_config(arg=None):
     c.model.output_stride = 8
     c.model.rates = ()     # empty: the paper's 6-12-18 scaled by 16 / output_stride
     c.model.aux = True
+    c.model.drop_path = config_dict.placeholder(float)  # stochastic depth; None: torchvision's
     # The paper has no auxiliary head; 0.5 is what torchvision's reference training uses with it.
     c.loss.aux_weight = 0.5
     # From scratch, as configs/pspnet.py (0.02 / 0.05 / 0.1 gave val mIoU 0.34 / 0.44 / 0.45

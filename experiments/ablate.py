@@ -3,6 +3,7 @@ run directory each, then the mean and standard deviation over the seeds per vari
 
   python experiments/ablate.py --study=pspnet --root=runs/ablate_pspnet --steps=300
   python experiments/ablate.py --study=loss --model=unet --root=runs/ablate_loss --seeds=0,1,2
+  python experiments/ablate.py --study=backbones --model=deeplabv3plus --root=runs/ablate_enc
   python experiments/ablate.py --study=fcn_skips --root=runs/ablate_fcn \
       --override=model.fc_channels=1024
   python experiments/ablate.py --study=unet --preset=membrane --root=runs/ablate_unet
@@ -18,8 +19,8 @@ from configs import ablations
 from seg import cli, sweep
 
 _STUDY = flags.DEFINE_enum("study", None, list(ablations.STUDIES), "The study to run.")
-_MODEL = flags.DEFINE_string("model", None, "--study=loss: the config whose loss is swept, "
-                             "configs/<model>.py (default pspnet).")
+_MODEL = flags.DEFINE_string("model", None, "--study=loss / backbones: the base config, "
+                             "configs/<model>.py (default pspnet / upernet).")
 _PRESET = flags.DEFINE_string("preset", None, "Dataset preset of every config (camvid, "
                               "membrane, ...); default: the embedded data.")
 _STEPS = flags.DEFINE_integer("steps", None, "Train steps of every run (default: the config's).")

@@ -8,14 +8,14 @@
 Modes (each skipped where it does not apply):
   imperative     the baseline: the same nn.Module (loaded from our initial params) trained with
                  loss.backward() and torch.optim (foreach), frozen params excluded;
-  torchvision    torchvision's fcn_resnet50 / deeplabv3_resnet50 (weights=None, our params
-                 loaded: same names) in that same loop;
+  torchvision    torchvision's fcn_resnet50 / deeplabv3_resnet50 / lraspp_mobilenet_v3_large
+                 (weights=None, our params loaded under its names) in that same loop;
   eager          seg.train.make_train_step, eager, state donated (as experiments/train.py);
   compile        the same step under torch.compile (--compile_backend, fullgraph);
   bf16, fp16     bf16 / fp16 autocast forward (fp16 with dynamic loss scaling), fp32 weights;
   channels_last  channels_last images and conv weights;
   fast           compile + bf16 + channels_last (fast_fp16: with fp16, for GPUs without bf16);
-  checkpoint     eager with activation checkpointing of the ResNet / UNet blocks.
+  checkpoint     eager with activation checkpointing of the encoder's blocks / UNet double convs.
 How they are timed (round-robin, paired ratios, FLOPs, MFU, peak memory): seg/bench.py.
 --explain instead runs torch._dynamo.explain over the fast step and prints graphs and breaks.
 """

@@ -15,8 +15,8 @@ import sys
 import torch
 from absl import app, flags
 
-from configs import (deeplabv3, fcn8s, fcn16s, fcn32s, pspnet, twostream,
-                     unet)
+from configs import (backbone_unet, deeplabv3, deeplabv3plus, fcn8s, fcn16s, fcn32s, fpn,
+                     lraspp, pspnet, twostream, unet, upernet)
 from seg import models, rundir
 
 # (row label, config module, model overrides): the papers' backbones, then the CPU defaults.
@@ -33,6 +33,24 @@ ROWS = [
     ("DeepLabV3, ResNet-50, OS 8", deeplabv3, {"backbone": "resnet50"}),
     ("DeepLabV3, ResNet-18, OS 8 (CPU default)", deeplabv3, {}),
     ("Two-stream PSPNet, ResNeXt-50", twostream, {}),
+    ("DeepLabV3, MobileNetV3-Large, OS 16 (torchvision deeplabv3_mobilenet_v3_large)", deeplabv3,
+     {"backbone": "mobilenet_v3_large", "output_stride": 16, "rates": (12, 24, 36)}),
+    ("LR-ASPP, MobileNetV3-Large, OS 16 (torchvision lraspp_mobilenet_v3_large)", lraspp, {}),
+    ("DeepLabV3+, ResNet-101, OS 8, 512 channels, aux (mmsegmentation's widths)", deeplabv3plus,
+     {"backbone": "resnet101", "output_stride": 8, "channels": 512, "aux": True}),
+    ("DeepLabV3+, ResNet-50, OS 16", deeplabv3plus, {"backbone": "resnet50"}),
+    ("DeepLabV3+, ResNet-18, OS 16 (CPU default)", deeplabv3plus, {}),
+    ("UPerNet, ResNet-101", upernet, {"backbone": "resnet101"}),
+    ("UPerNet, ResNet-50", upernet, {"backbone": "resnet50"}),
+    ("UPerNet, ConvNeXt-T", upernet, {"backbone": "convnext_tiny"}),
+    ("UPerNet, Swin-T", upernet, {"backbone": "swin_t"}),
+    ("UPerNet, ResNet-18 (CPU default)", upernet, {}),
+    ("Semantic FPN, ResNet-101", fpn, {"backbone": "resnet101"}),
+    ("Semantic FPN, ResNet-50", fpn, {"backbone": "resnet50"}),
+    ("Semantic FPN, ResNet-18 (CPU default)", fpn, {}),
+    ("Semantic FPN, EfficientNet-B0", fpn, {"backbone": "efficientnet_b0"}),
+    ("UNet decoder, ResNet-34", backbone_unet, {}),
+    ("UNet decoder, RegNetY-400MF", backbone_unet, {"backbone": "regnet_y_400mf"}),
 ]
 
 _SIZE = flags.DEFINE_list("size", ["512", "512"], "Input height,width.")

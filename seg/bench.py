@@ -30,6 +30,7 @@ import torchvision
 from seg import amp, data, functional, losses, models, optim, rundir, runtime
 from seg import train as seg_train
 from seg.data import augment, batches
+from seg.models.backbones import from_torchvision_segmentation
 
 # mode: make_train_step options; None marks the torch.optim loops.
 MODES = {
@@ -46,7 +47,9 @@ MODES = {
 }
 # (model.name, model.backbone) -> torchvision's definition of the same network (same names)
 TORCHVISION = {("deeplabv3", "resnet50"): torchvision.models.segmentation.deeplabv3_resnet50,
-               ("fcn_resnet", "resnet50"): torchvision.models.segmentation.fcn_resnet50}
+               ("fcn_resnet", "resnet50"): torchvision.models.segmentation.fcn_resnet50,
+               ("lraspp", "mobilenet_v3_large"):
+                   torchvision.models.segmentation.lraspp_mobilenet_v3_large}
 
 
 def progress(message: str) -> None:
@@ -92,7 +95,7 @@ class Setup:
             with torch.device("meta"):
                 model = models.build(self.cfg.model, self.cfg.data.num_classes)
             if not any(isinstance(m, models.CHECKPOINT_BLOCKS) for m in model.modules()):
-                return "no ResNet or UNet block"
+                return "no block to recompute"
         if (MODES[mode] or {}).get("precision") == "bf16" and self.device.type == "cuda" and \
                 not torch.cuda.is_bf16_supported(including_emulation=False):
             return "no bf16 on this GPU"
@@ -140,12 +143,18 @@ def imperative_runner(s: Setup, torchvision_model: bool = False):
     loaded: same names) trained with loss.backward() and torch.optim, frozen params excluded."""
     cfg = s.cfg
     _, params, buffers = s.init()
+    state = {**params, **buffers}
     if torchvision_model:
+        aux = {"aux_loss": cfg.model.aux} if "aux" in cfg.model else {}
         model = s.torchvision_model()(weights=None, weights_backbone=None,
-                                      num_classes=cfg.data.num_classes, aux_loss=cfg.model.aux)
+                                      num_classes=cfg.data.num_classes, **aux)
+        # its MobileNetV3 models name the encoder's modules without "features."
+        theirs = list(model.state_dict())
+        ours = from_torchvision_segmentation(dict.fromkeys(theirs), cfg.model.backbone)
+        state = {their_name: state[our_name] for our_name, their_name in zip(ours, theirs)}
     else:
         model = models.build(cfg.model, cfg.data.num_classes)
-    model.load_state_dict({**params, **buffers})  # strict
+    model.load_state_dict(state)  # strict
     model.to(s.device).train()
     _, frozen = functional.split_trainable(dict(model.named_parameters()), cfg.train.freeze)
     for name, p in model.named_parameters():

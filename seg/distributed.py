@@ -221,9 +221,10 @@ def grad_reducer(group: Group | None = None, bucket_mb: float = 25.0):
 
 
 def average_buffers(buffers: dict[str, Tensor], group: Group | None = None) -> dict[str, Tensor]:
-    """Floating-point buffers (BN running statistics) averaged over the ranks; integer ones
-    (num_batches_tracked) are the same on every rank and kept."""
-    names = [k for k, v in buffers.items() if v.is_floating_point()]
+    """BatchNorm running statistics averaged over the ranks; every other buffer is the same on
+    every rank and kept: counters (num_batches_tracked) and constant tables (Swin's relative
+    position index and coordinates), which a float mean over 3 ranks could move by an ulp."""
+    names = [k for k in buffers if k.endswith((".running_mean", ".running_var"))]
     averaged = dict(zip(names, mean_across([buffers[k] for k in names], group)))
     return {k: averaged.get(k, v) for k, v in buffers.items()}
 

@@ -126,7 +126,8 @@ def _check_modules(cfg, model: nn.Module) -> None:
     if cfg.train.checkpoint_activations and not any(
             isinstance(m, models.CHECKPOINT_BLOCKS) for m in model.modules()):
         raise ConfigError(f"train.checkpoint_activations=True but model.name="
-                          f"{cfg.model.name!r} has no ResNet or UNet block to recompute")
+                          f"{cfg.model.name!r} has no encoder block or UNet double conv to "
+                          "recompute")
 
 
 def inference_meta(cfg, info: DatasetInfo) -> dict:

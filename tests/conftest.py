@@ -134,3 +134,59 @@ def write_folder_dataset(root, sizes: dict, num_classes: int = 3, seed: int = 0)
                                            "train_rgb_std": [0.25, 0.25, 0.25]}}
     (root / "classes.json").write_text(json.dumps(meta))
     return root
+
+
+# ---------------------------------------------------------------- models: test-sized encoders
+
+def _tiny_convnext():
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, 64, 1), CNBlockConfig(64, 128, 1),
+                     CNBlockConfig(128, None, 2)], stochastic_depth_prob=0.1)
+
+
+def _tiny_swin():
+    from torchvision.models.swin_transformer import SwinTransformer
+    # two blocks in the first stage: the second one shifts its windows
+    return SwinTransformer([4, 4], 16, [2, 1, 1, 1], [1, 2, 2, 4], [4, 4],
+                           stochastic_depth_prob=0.2)
+
+
+def _tiny_mobilenet_v3():
+    from torchvision.models.mobilenetv3 import InvertedResidualConfig as Block, MobileNetV3
+    # (in, kernel, expanded, out, squeeze-excitation, activation, stride, dilation, width)
+    return MobileNetV3([Block(8, 3, 8, 8, False, "RE", 1, 1, 1.0),
+                        Block(8, 3, 16, 8, False, "RE", 2, 1, 1.0),
+                        Block(8, 5, 24, 16, True, "RE", 2, 1, 1.0),
+                        Block(16, 3, 32, 16, False, "HS", 2, 1, 1.0),
+                        Block(16, 5, 48, 24, True, "HS", 2, 1, 1.0),
+                        Block(24, 5, 48, 24, True, "HS", 1, 1, 1.0)], last_channel=64)
+
+
+def _tiny_efficientnet():
+    from torchvision.models.efficientnet import EfficientNet, MBConvConfig as Stage
+    # (expansion, kernel, stride, in, out, blocks)
+    return EfficientNet([Stage(1, 3, 1, 8, 8, 1), Stage(4, 3, 2, 8, 16, 1),
+                         Stage(4, 5, 2, 16, 16, 2), Stage(4, 3, 2, 16, 24, 1),
+                         Stage(4, 5, 2, 24, 32, 1)], dropout=0.2, stochastic_depth_prob=0.2,
+                        last_channel=64)
+
+
+# torchvision's own classes at test width and depth, standing in for the named networks
+TINY_NETS = {"convnext_tiny": _tiny_convnext, "swin_t": _tiny_swin,
+             "mobilenet_v3_large": _tiny_mobilenet_v3, "efficientnet_b0": _tiny_efficientnet}
+
+
+@pytest.fixture
+def tiny_encoders():
+    """The networks of TINY_NETS are built at test width and depth from torchvision's own
+    classes: the same code paths (blocks, stochastic depth, shifted windows, dilation, the
+    encoder's graph) for a fraction of the build and compile time."""
+    from seg.models import backbones
+
+    original = backbones._torchvision_net
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backbones, "_torchvision_net",
+                   lambda name: TINY_NETS[name]() if name in TINY_NETS else original(name))
+        backbones._layout.cache_clear()
+        yield
+    backbones._layout.cache_clear()

@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from configs import ablations
-from seg import compare, config, errors, loop, sweep
+from seg import compare, config, errors, experiment, loop, sweep
 
 TINY = ["data.image_size=32", "data.num_train=8", "data.num_val=4", "data.num_test=4",
         "train.batch_size=2", "train.eval_batch_size=4", "train.num_pictures=0"]
@@ -109,3 +109,17 @@ def test_aggregate():
         "mean": pytest.approx(0.6), "std": pytest.approx(0.1414213562), "n": 2}
     assert sweep.aggregate([0.5]) == {"mean": 0.5, "std": None, "n": 1}
     assert sweep.aggregate([None]) == {"mean": None, "std": None, "n": 0}
+
+
+def test_backbones_study_varies_the_encoder_of_any_head():
+    configs = ablations.variants("backbones", model="deeplabv3")   # output stride 8
+    assert list(configs) == ["resnet18", "mobilenet_v3_large", "efficientnet_b0",
+                             "regnet_y_400mf", "convnext_tiny-os32", "swin_t-os32"]
+    assert sweep.swept_fields(configs) == {"model.backbone", "model.output_stride"}
+    for c in configs.values():
+        experiment.check(c)  # every variant builds (on the meta device) before any trains
+    assert sweep.swept_fields(ablations.variants("backbones")) == {"model.backbone"}  # UPerNet
+    with pytest.raises(errors.ConfigError, match="no model.backbone"):
+        ablations.variants("backbones", model="unet")
+    with pytest.raises(errors.ConfigError, match="--model applies to"):
+        ablations.variants("pspnet", model="upernet")

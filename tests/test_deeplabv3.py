@@ -8,6 +8,8 @@ import torch.nn.functional as F
 import torchvision
 
 from seg import functional
+from seg.models import param_count
+from seg.models.backbones import from_torchvision_segmentation
 from seg.models.deeplabv3 import ASPP, DeepLabV3, ImagePooling
 
 
@@ -33,6 +35,31 @@ def test_equals_torchvision_deeplabv3_resnet50(torchvision_and_ours, shape):
         assert got[k].shape == (shape[0], 5, *shape[2:])
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5)
     assert want["out"].std() > 0.1  # the comparison is not between two near-zero maps
+
+
+def test_equals_torchvision_deeplabv3_mobilenet_v3_large(randomise_bn):
+    # torchvision's MobileNetV3 model: output stride 16, rates 12-24-36, aux head on the
+    # stride-8 block (features.4, 40 channels); its keys renamed to the classifier's names.
+    torch.manual_seed(0)
+    ref = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, aux_loss=True, num_classes=21)
+    randomise_bn(ref)
+    ours = DeepLabV3(21, backbone="mobilenet_v3_large", output_stride=16, rates=(12, 24, 36))
+    ours.load_state_dict(from_torchvision_segmentation(ref.state_dict(), "mobilenet_v3_large"),
+                         strict=True)
+    weights = torchvision.models.segmentation.DeepLabV3_MobileNet_V3_Large_Weights.DEFAULT
+    assert param_count(ours) == weights.meta["num_params"] == 11_029_328
+    assert ours.aux_classifier[0].in_channels == 40
+    x = torch.randn(1, 3, 97, 131, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = ref.eval()(x), ours.eval()(x)
+    assert set(got) == set(want) == {"out", "aux"}
+    torch.testing.assert_close(got["aux"], want["aux"], rtol=0, atol=0)  # same kernels
+    # ASPP's image pooling: ours broadcasts the pooled 1x1 map where torchvision interpolates
+    # it bilinearly (v * (1 - w) + v * w rounds in float32); 1e-5 covers that rounding carried
+    # through the projection and the 3x3 conv, as for deeplabv3_resnet50 above.
+    torch.testing.assert_close(got["out"], want["out"], rtol=0, atol=1e-5)
+    assert want["out"].std() > 0.1
 
 
 def _dilations(model: DeepLabV3) -> list[tuple]:
@@ -88,7 +115,7 @@ def test_outputs_at_input_size(aux, size):
     assert set(out) == ({"out", "aux"} if aux else {"out"})
     for v in out.values():
         assert v.shape == (1, 4, *size)
-    # heads sized from backbones.CHANNELS: ResNet-18's layer4 / layer3 have 512 / 256 channels
+    # heads sized from backbones.channels: ResNet-18's layer4 / layer3 have 512 / 256 channels
     assert model.classifier[0].convs[0][0].in_channels == 512
     if aux:
         assert model.aux_classifier[0].out_channels == 64

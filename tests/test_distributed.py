@@ -29,6 +29,27 @@ def data():
 
 # ---------------------------------------------------------------- world info and sharding
 
+def test_only_batchnorm_statistics_are_averaged(monkeypatch):
+    averaged = []
+
+    def mean_across(tensors, group=None):
+        averaged.extend(tensors)
+        return [t + 1 for t in tensors]
+
+    monkeypatch.setattr(distributed, "mean_across", mean_across)
+    buffers = {"bn.running_mean": torch.zeros(2), "bn.running_var": torch.ones(2),
+               "bn.num_batches_tracked": torch.tensor(3),
+               "attn.relative_coords_table": torch.rand(1, 3, 3, 2),
+               "attn.relative_position_index": torch.arange(4)}
+    out = distributed.average_buffers(buffers)
+    assert [id(t) for t in averaged] == [id(buffers["bn.running_mean"]),
+                                         id(buffers["bn.running_var"])]
+    assert torch.equal(out["bn.running_var"], torch.full((2,), 2.0))
+    for k in ("bn.num_batches_tracked", "attn.relative_coords_table",
+              "attn.relative_position_index"):
+        assert out[k] is buffers[k]
+
+
 def test_world_info_reads_torchrun_variables():
     assert distributed.world_info({}) == (0, 1, 0)
     assert distributed.world_info({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4, 1)

@@ -82,6 +82,36 @@ def test_channels_last_matches_fp32_and_keeps_the_layout():
                for v in momentum.values())
 
 
+def lraspp_cfg():
+    return ml_collections.ConfigDict(dict(name="lraspp", backbone="mobilenet_v3_large",
+                                          output_stride=16, inter_channels=16))
+
+
+def upernet_convnext_cfg():
+    return ml_collections.ConfigDict(dict(name="upernet", backbone="convnext_tiny", channels=16,
+                                          drop_path=0.3))
+
+
+@pytest.mark.usefixtures("tiny_encoders")  # test-sized MobileNetV3 and ConvNeXt
+@pytest.mark.parametrize("model_cfg", [lraspp_cfg, upernet_convnext_cfg],
+                         ids=["lraspp", "upernet_convnext"])
+def test_torchvision_encoders_on_the_fast_path(model_cfg):
+    # Squeeze-excitation, hardswish, LayerNorm2d and stochastic depth (the same draws: the
+    # RNG is seeded before the steps) under bf16 autocast and channels_last, with the
+    # tolerances of the UNet tests above. No bound on the bf16 update here: a conv followed by
+    # LayerNorm (ConvNeXt's stem and downsamplings) is scale-invariant, so its gradient is what
+    # LayerNorm's backward leaves after removing the mean and the normalised input's direction,
+    # a difference that bf16's 2**-8 rounding of the conv output can dominate at init.
+    p0, ref, ref_loss = run(model_cfg())
+    _, bf16, bf16_loss = run(model_cfg(), precision="bf16")
+    _, cl, cl_loss = run(model_cfg(), channels_last=True)
+    torch.testing.assert_close(bf16_loss, ref_loss, rtol=1e-2, atol=0)
+    assert not torch.equal(bf16_loss, ref_loss)
+    assert all(x.dtype in (torch.float32, torch.int64) for x in leaves(bf16))
+    torch.testing.assert_close(cl_loss, ref_loss, rtol=1e-5, atol=0)
+    assert update_error(p0, ref, cl) < 1e-4
+
+
 @pytest.mark.parametrize("model_cfg", [unet_cfg, pspnet_cfg], ids=["unet", "pspnet"])
 def test_activation_checkpointing_gives_bitwise_the_same_step(model_cfg):
     # Dropout (UNet 0.5, PSPNet 0.1) and BatchNorm statistics included: the recomputation

@@ -11,12 +11,18 @@ model_table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(model_table)
 
 
-@pytest.mark.parametrize("name, weights", [
-    ("fcn_resnet", segmentation.FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1),
-    ("deeplabv3", segmentation.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1)])
-def test_counts_match_torchvision_metadata(name, weights):
+@pytest.mark.parametrize("fields, weights", [
+    ({"name": "fcn_resnet", "backbone": "resnet50"},
+     segmentation.FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1),
+    ({"name": "deeplabv3", "backbone": "resnet50"},
+     segmentation.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1),
+    ({"name": "deeplabv3", "backbone": "mobilenet_v3_large", "output_stride": 16,
+      "rates": (12, 24, 36)},
+     segmentation.DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1),
+    ({"name": "lraspp"}, segmentation.LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1)])
+def test_counts_match_torchvision_metadata(fields, weights):
     # torchvision documents params and "GFLOPS" (multiply-accumulates) at its 520x520 eval size.
-    cfg = model_table.model_config(None, {"name": name, "backbone": "resnet50"})
+    cfg = model_table.model_config(None, fields)
     row = model_table.measure(cfg, 21, (520, 520))
     assert row["params"] == weights.meta["num_params"]
     assert row["gmacs"] == pytest.approx(weights.meta["_ops"], abs=5e-3)

@@ -11,7 +11,7 @@ import torchvision
 from torchvision.models._utils import IntermediateLayerGetter
 
 from seg.models import PSPNet, UNet, build, param_count
-from seg.models.backbones import CHANNELS, resnet
+from seg.models import backbones
 from seg.models.pspnet import PyramidPooling
 
 ODD_AND_EVEN = [(64, 64), (97, 131)]
@@ -22,7 +22,13 @@ def _convs(net: nn.Module) -> dict[str, tuple]:
             if isinstance(m, nn.Conv2d)}
 
 
-# --- backbone ---------------------------------------------------------------------------------
+# --- backbone ----------------------------------------------------------------------------------
+
+def resnet(name, output_stride=8, layers=("layer3", "layer4")):
+    """The encoder keyed by torchvision's layer names (c2 ... c5 are layer1 ... layer4)."""
+    return backbones.encoder(name, {f"c{int(layer[-1]) + 1}": layer for layer in layers},
+                             output_stride)
+
 
 @pytest.mark.parametrize("name, output_stride, replace", [
     ("resnet50", 8, [False, True, True]), ("resnet50", 16, [False, False, True]),
@@ -69,7 +75,8 @@ def test_resnet18_dilation_by_hand():
 def test_resnet18_other_strides(output_stride):
     out = resnet("resnet18", output_stride, ("layer4",))(torch.randn(1, 3, 64, 64))
     assert list(out) == ["layer4"]
-    assert out["layer4"].shape == (1, CHANNELS["resnet18"][1], 64 // output_stride, 64 // output_stride)
+    assert out["layer4"].shape == (1, backbones.channels("resnet18")["c5"], 64 // output_stride,
+                                   64 // output_stride)
 
 
 def test_pspnet_resnet50_backbone_loads_torchvision_state_dict_strictly():
@@ -87,22 +94,22 @@ def test_pspnet_resnet50_backbone_loads_torchvision_state_dict_strictly():
 def test_resnext_loads_torchvision_state_dict_strictly(name):
     torch.manual_seed(0)
     tv = getattr(torchvision.models, name)().state_dict()
-    ours = resnet(name, output_stride=8, return_layers=("layer1", "layer4"))
+    ours = resnet(name, output_stride=8, layers=("layer1", "layer4"))
     ours.load_state_dict({k: v for k, v in tv.items() if not k.startswith("fc.")}, strict=True)
     conv = ours.layer1[0].conv2  # 32 groups of 4 (50_32x4d) or 8 (101_32x8d) channels
     assert (conv.groups, conv.in_channels // conv.groups) == (32, int(name[-2]))
     x = torch.randn(1, 3, 32, 32)
     out = ours.eval()(x)
-    assert out["layer4"].shape == (1, CHANNELS[name][1], 4, 4)
+    assert out["layer4"].shape == (1, backbones.channels(name)["c5"], 4, 4)
     assert out["layer1"].shape == (1, 256, 8, 8)
 
 
-@pytest.mark.parametrize("kwargs", [dict(name="resnet9"), dict(output_stride=4),
-                                    dict(return_layers=("layer5",)), dict(return_layers=())])
-def test_resnet_rejects_bad_arguments(kwargs):
-    arg = next(iter(kwargs))
-    with pytest.raises(ValueError, match=arg):
-        resnet(**kwargs)
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(name="resnet9"), "name='resnet9'"), (dict(output_stride=4), "output_stride=4"),
+    (dict(levels={"c6": "x"}), "c6"), (dict(levels={}), "levels")])
+def test_resnet_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        backbones.encoder(**{"name": "resnet18", "levels": {"c5": "c5"}, **kwargs})
 
 
 # --- UNet ------------------------------------------------------------------------------------

@@ -70,8 +70,8 @@ def test_hub_weight_name_lands_in_pspnet(hub, tv_resnet18):
     ref = IntermediateLayerGetter(tv_resnet18, {"layer3": "layer3", "layer4": "layer4"})
     with torch.no_grad():
         want = ref(x)
-    for k in ("layer3", "layer4"):
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    for ours, theirs in (("aux", "layer3"), ("out", "layer4")):  # PSPNet's names of the maps
+        torch.testing.assert_close(got[ours], want[theirs], rtol=0, atol=0)
     # The heads keep their init; every conv of the random-init backbone was replaced (BN's
     # affine init is 1 / 0 in both, so it cannot tell).
     for k, v in params.items():

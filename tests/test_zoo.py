@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from configs import deeplabv3, fcn8s, fcn16s, fcn32s, fcn_resnet50, pspnet, twostream, unet
+from configs import (backbone_unet, deeplabv3, deeplabv3plus, fcn8s, fcn16s, fcn32s, fcn_resnet50,
+                     fpn, lraspp, pspnet, twostream, unet, upernet)
 from seg import functional, losses, models, optim
 from seg.data import batches, synthetic
 from seg import train as seg_train
@@ -22,7 +23,16 @@ ZOO = {
     "pspnet": (pspnet, {"backbone": "resnet18"}),
     "deeplabv3": (deeplabv3, {"backbone": "resnet18"}),
     "twostream": (twostream, {"backbone": "resnet18"}),
+    # One encoder family each; mobilenet_v3_large, efficientnet_b0, convnext_tiny and swin_t
+    # are test-sized here (conftest.TINY_NETS), the last three with stochastic depth on.
+    "deeplabv3plus": (deeplabv3plus, {"backbone": "mobilenet_v3_large", "channels": 32}),
+    "upernet": (upernet, {"backbone": "convnext_tiny", "channels": 32, "drop_path": 0.2}),
+    "fpn": (fpn, {"backbone": "swin_t", "fpn_channels": 32, "channels": 16, "drop_path": 0.2}),
+    "lraspp": (lraspp, {}),
+    "backbone_unet": (backbone_unet, {"backbone": "efficientnet_b0", "drop_path": 0.2,
+                                      "decoder_channels": (32, 16, 16, 8, 8)}),
 }
+pytestmark = pytest.mark.usefixtures("tiny_encoders")
 
 
 def config(name):

@@ -6,21 +6,29 @@ import inspect
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from seg.models.backbones import BLOCKS
 from seg.models.deeplabv3 import DeepLabV3
+from seg.models.deeplabv3plus import DeepLabV3Plus
 from seg.models.fcn import FCNResNet, FCNVGG
+from seg.models.fpn import SemanticFPN
+from seg.models.lraspp import LRASPP
 from seg.models.pspnet import PSPNet
 from seg.models.twostream import TwoStreamPSPNet
-from seg.models.unet import DoubleConv, UNet
+from seg.models.unet import BackboneUNet, DoubleConv, UNet
+from seg.models.upernet import UPerNet
 
-# The units that train.checkpoint_activations recomputes in the backward: each ResNet block
-# and each UNet double conv; their outputs are what the following layers need anyway.
-CHECKPOINT_BLOCKS = (BasicBlock, Bottleneck, DoubleConv)
+# The units that train.checkpoint_activations recomputes in the backward: each block of an
+# encoder (ResNet and RegNet bottlenecks, inverted residuals, ConvNeXt and Swin blocks; see
+# backbones.FAMILIES) and each UNet double conv; their outputs are what the following layers
+# need anyway.
+CHECKPOINT_BLOCKS = (*BLOCKS, DoubleConv)
 
 # model.name -> the definition; every other field of config.model is a keyword argument of it
 MODELS = {"unet": UNet, "pspnet": PSPNet, "deeplabv3": DeepLabV3, "fcn": FCNVGG,
-          "fcn_resnet": FCNResNet, "twostream": TwoStreamPSPNet}
+          "fcn_resnet": FCNResNet, "twostream": TwoStreamPSPNet,
+          "deeplabv3plus": DeepLabV3Plus, "upernet": UPerNet, "fpn": SemanticFPN,
+          "lraspp": LRASPP, "backbone_unet": BackboneUNet}
 # config.model fields that say where the weights come from, not what the model is
 INIT_FIELDS = frozenset({"name", "backbone_weights", "init_from"})
 
@@ -59,5 +67,6 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["CHECKPOINT_BLOCKS", "MODELS", "DeepLabV3", "FCNResNet", "FCNVGG", "PSPNet", "TwoStreamPSPNet",
-           "UNet", "build", "forward_flops", "param_count"]
+__all__ = ["CHECKPOINT_BLOCKS", "MODELS", "BackboneUNet", "DeepLabV3", "DeepLabV3Plus",
+           "FCNResNet", "FCNVGG", "LRASPP", "PSPNet", "SemanticFPN", "TwoStreamPSPNet", "UNet",
+           "UPerNet", "build", "forward_flops", "param_count"]

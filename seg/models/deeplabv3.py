@@ -1,8 +1,7 @@
-"""DeepLabV3 (Chen et al. 2017, "Rethinking Atrous Convolution"): dilated ResNet + ASPP.
+"""DeepLabV3 (Chen et al. 2017, "Rethinking Atrous Convolution"): a dilated encoder + ASPP.
 
-Module names follow torchvision's `deeplabv3_resnet50`, so its state_dict loads strictly and the
-outputs match (tests/test_deeplabv3.py). Seed 000's "ASPP" is not this: it runs the encoder up to
-the classification logits and global-pools every branch, so no spatial map is left to segment.
+Module names follow torchvision's `deeplabv3_resnet50` and `deeplabv3_mobilenet_v3_large`, so
+their state_dicts load strictly and the outputs match (tests/test_deeplabv3.py).
 """
 from __future__ import annotations
 
@@ -11,8 +10,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from seg.models.backbones import CHANNELS, resnet
-from seg.models.heads import FCNHead, ResNetSegmenter, check_head_args, conv_bn_relu
+from seg.models import backbones
+from seg.models.heads import (FCNHead, Segmenter, check_head_args, conv_bn_relu, init_head_,
+                              separable_conv_bn_relu)
 
 # The paper's atrous rates at output stride 16; they scale with the feature map's resolution
 # (doubled at output stride 8) so that each branch sees the same field of view in the image.
@@ -37,17 +37,19 @@ class ImagePooling(nn.Sequential):
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling: a 1x1 branch, one dilated 3x3 branch per rate and image
     pooling, each conv -> BN -> ReLU; concatenated, projected by 1x1 conv -> BN -> ReLU -> Dropout.
+    separable: the dilated branches are depthwise separable convs (DeepLabV3+).
     """
 
     def __init__(self, in_channels: int, rates: Sequence[int], out_channels: int = 256,
-                 dropout: float = 0.5):
+                 dropout: float = 0.5, separable: bool = False):
         super().__init__()
         if not rates or any(not isinstance(r, int) or r < 1 for r in rates):
             raise ValueError(f"rates={tuple(rates)!r} must be a non-empty sequence of positive "
                              "ints")
         self.convs = nn.ModuleList([
             nn.Sequential(*conv_bn_relu(in_channels, out_channels, 1)),
-            *(nn.Sequential(*conv_bn_relu(in_channels, out_channels, 3, r)) for r in rates),
+            *(nn.Sequential(*(separable_conv_bn_relu if separable else conv_bn_relu)(
+                in_channels, out_channels, 3, r)) for r in rates),
             ImagePooling(in_channels, out_channels),
         ])
         self.project = nn.Sequential(
@@ -71,23 +73,34 @@ class DeepLabHead(nn.Sequential):
         )
 
 
-class DeepLabV3(ResNetSegmenter):
-    """DeepLabV3 on a dilated ResNet/ResNeXt; forward(x) -> {"out", "aux" (if aux)} at the
-    input's size.
+def paper_rates(rates: Sequence[int], output_stride: int) -> tuple[int, ...]:
+    """`rates`, or when empty the paper's 6-12-18 at output stride 16 scaled to `output_stride`."""
+    return tuple(rates) or tuple(r * _PAPER_STRIDE // output_stride for r in _PAPER_RATES)
+
+
+class DeepLabV3(Segmenter):
+    """DeepLabV3 on any encoder of seg.models.backbones; forward(x) -> {"out", "aux" (if aux)}
+    at the input's size.
 
     rates: the ASPP's atrous rates; empty gives the paper's 6-12-18 scaled by 16 / output_stride
-    (12-24-36 at output stride 8, torchvision's choice). The auxiliary head (not in the paper;
-    torchvision's FCNHead on layer3) is sized from CHANNELS, so any backbone there works.
-    Backbone keeps torchvision's init; the heads use init_like_resnet_ and init_logits_.
+    (12-24-36 at output stride 8, torchvision's choice for ResNets; its MobileNetV3 model keeps
+    12-24-36 at output stride 16). The auxiliary head (not in the paper; torchvision's FCNHead)
+    reads the backbone's aux level: layer3 of a ResNet, the stride-8 block of a MobileNetV3.
+    drop_path: stochastic depth of the encoder (backbones.encoder). The backbone keeps
+    torchvision's init; the heads use init_like_resnet_ and init_logits_.
     """
 
     def __init__(self, num_outputs: int, backbone: str = "resnet50", output_stride: int = 8,
-                 aux: bool = True, rates: Sequence[int] = ()):
+                 aux: bool = True, rates: Sequence[int] = (), drop_path: float | None = None):
         check_head_args(num_outputs)
-        layers = ("layer3", "layer4") if aux else ("layer4",)
-        net = resnet(backbone, output_stride, layers)
-        if not rates:
-            rates = tuple(r * _PAPER_STRIDE // output_stride for r in _PAPER_RATES)
-        c3, c4 = CHANNELS[backbone]
-        super().__init__(net, DeepLabHead(c4, num_outputs, tuple(rates)),
-                         FCNHead(c3, num_outputs, 0.1) if aux else None)
+        aux_level = backbones.aux_level(backbone)
+        levels = {"c5": "out", **({aux_level: "aux"} if aux else {})}
+        net = backbones.encoder(backbone, levels, output_stride, drop_path)
+        channels = backbones.channels(backbone)
+        classifier = DeepLabHead(channels["c5"], num_outputs, paper_rates(rates, output_stride))
+        aux_classifier = FCNHead(channels[aux_level], num_outputs, 0.1) if aux else None
+        init_head_(classifier, classifier[-1])
+        if aux_classifier is not None:
+            init_head_(aux_classifier, aux_classifier[-1])
+        super().__init__(net, classifier, aux_classifier,
+                         backbones.output_norms(backbone, levels))

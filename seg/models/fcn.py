@@ -1,13 +1,14 @@
 """FCN (Long, Shelhamer & Darrell 2015): FCN-32s/16s/8s on VGG, and torchvision's FCN on a
-dilated ResNet."""
+dilated encoder (ResNet by default)."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seg.models.backbones import CHANNELS, init_like_resnet_, init_logits_, resnet
-from seg.models.heads import FCNHead, ResNetSegmenter, check_head_args
+from seg.models import backbones
+from seg.models.backbones import init_like_resnet_, init_logits_
+from seg.models.heads import FCNHead, Segmenter, check_head_args, init_head_
 from seg.models.vgg import STAGE_CHANNELS, vgg
 
 # Output stride of each variant, and the pool stages whose scores it fuses (deepest first).
@@ -117,16 +118,23 @@ class FCNVGG(nn.Module):
         return {"out": _crop(self.upscore8(score), size)}
 
 
-class FCNResNet(ResNetSegmenter):
-    """torchvision's fcn_resnet50/101 on our dilated ResNet: FCNHead on layer4, an auxiliary
-    FCNHead on layer3, both upsampled bilinearly to the input's size. Parameter names equal
-    torchvision's, so its state_dicts load strictly. forward(x) -> {"out", "aux" (if aux)}."""
+class FCNResNet(Segmenter):
+    """torchvision's fcn_resnet50/101: an FCNHead on the last stage of a dilated encoder and an
+    auxiliary FCNHead on its aux level (layer3 of a ResNet), both upsampled bilinearly to the
+    input's size. Parameter names equal torchvision's, so its state_dicts load strictly. Any
+    encoder of seg.models.backbones works. forward(x) -> {"out", "aux" (if aux)}."""
 
     def __init__(self, num_outputs: int, backbone: str = "resnet50", output_stride: int = 8,
-                 aux: bool = True, dropout: float = 0.1):
+                 aux: bool = True, dropout: float = 0.1, drop_path: float | None = None):
         check_head_args(num_outputs, dropout)
-        layers = ("layer3", "layer4") if aux else ("layer4",)
-        net = resnet(backbone, output_stride, layers)
-        c3, c4 = CHANNELS[backbone]
-        super().__init__(net, FCNHead(c4, num_outputs, dropout),
-                         FCNHead(c3, num_outputs, dropout) if aux else None)
+        aux_level = backbones.aux_level(backbone)
+        levels = {"c5": "out", **({aux_level: "aux"} if aux else {})}
+        net = backbones.encoder(backbone, levels, output_stride, drop_path)
+        channels = backbones.channels(backbone)
+        classifier = FCNHead(channels["c5"], num_outputs, dropout)
+        aux_classifier = FCNHead(channels[aux_level], num_outputs, dropout) if aux else None
+        for head in (classifier, aux_classifier):
+            if head is not None:
+                init_head_(head, head[-1])
+        super().__init__(net, classifier, aux_classifier,
+                         backbones.output_norms(backbone, levels))

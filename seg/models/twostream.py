@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seg.models.backbones import CHANNELS, init_like_resnet_, init_logits_, resnet
+from seg.models import backbones
+from seg.models.backbones import init_like_resnet_, init_logits_
 from seg.models.heads import check_head_args, conv_bn_relu
 from seg.models.pspnet import PyramidPooling
 
@@ -58,7 +59,7 @@ class TwoStreamPSPNet(nn.Module):
 
     Channels for ResNeXt-50: main 512, supp 2048; pyramid pooling 512 + 4 * 128 = 1024; the
     supplementary module 2048 -> 1024 -> 512; upsample 1536 -> 384 -> 192 -> 128; head
-    128 -> num_outputs. Other ResNets scale with their layer4 width (main = layer4 / 4).
+    128 -> num_outputs. Other encoders scale with their widths (main = layer2, supp = layer4).
     """
 
     def __init__(self, num_outputs: int, backbone: str = "resnext50_32x4d",
@@ -67,9 +68,9 @@ class TwoStreamPSPNet(nn.Module):
         check_head_args(num_outputs, dropout)
         bins = tuple(bins)
         # Stride 32 (no dilation): supp is layer4 as torchvision computes it.
-        self.backbone = resnet(backbone, output_stride=32, return_layers=("layer2", "layer4"))
-        supp = CHANNELS[backbone][1]
-        main = supp // 4  # torchvision's layer2 has a quarter of layer4's channels
+        self.backbone = backbones.encoder(backbone, {"c3": "layer2", "c5": "layer4"})
+        channels = backbones.channels(backbone)
+        main, supp = channels["c3"], channels["c5"]
         self.ppm = PyramidPooling(main, bins)
         self.supplementary = SupplementaryModule(supp, main, dropout)
         cat = main + len(bins) * (main // len(bins)) + main

@@ -20,9 +20,18 @@ from seg.functional import Buffers, Params
 # The ImageNet classifiers of torchvision's checkpoints, which a segmentation encoder drops.
 # Only these keys may go unused, and only when the encoder has no tensor of that name (an FCN
 # that keeps VGG's fc6/fc7 under these names gets them checked like any other key).
+def _linear(*names: str) -> frozenset[str]:
+    return frozenset(f"{name}.{p}" for name in names for p in ("weight", "bias"))
+
+
 CLASSIFIER_KEYS: dict[str, frozenset[str]] = {
-    "resnet": frozenset({"fc.weight", "fc.bias"}),  # ResNet, ResNeXt, Wide ResNet
-    "vgg": frozenset(f"classifier.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")),
+    "resnet": _linear("fc"),  # also ResNeXt, Wide ResNet, RegNet, ShuffleNetV2
+    "vgg": _linear("classifier.0", "classifier.3", "classifier.6"),
+    "mobilenet_v3": _linear("classifier.0", "classifier.3"),
+    # MobileNetV2, EfficientNet (V1 and V2): dropout, then one linear layer
+    "efficientnet": _linear("classifier.1"),
+    "convnext": _linear("classifier.0", "classifier.2"),  # LayerNorm of the pooled map, linear
+    "swin": _linear("norm", "head"),  # the last stage's LayerNorm (seg adds its own), linear
 }
 _DROPPABLE = frozenset().union(*CLASSIFIER_KEYS.values())
 
