@@ -81,6 +81,42 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
     """
     trainable, trainable_set = tuple(trainable), frozenset(trainable)
     frozen_modules = tuple(frozen_modules)
+    grad_impl = check_grad_impl(grad_impl, compile, checkpoint_activations)
+    if checkpoint_activations:
+        model = functional.recompute_blocks(model, models.CHECKPOINT_BLOCKS)
+    objective = make_objective(model, loss_fn, aux_weight=aux_weight, precision=precision,
+                               channels_last=channels_last,
+                               checkpoint_activations=checkpoint_activations)
+    update = make_update(optimizer, schedule, donate=donate, grad_reduce=grad_reduce,
+                         skip_nonfinite=skip_nonfinite)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        images, masks = batch
+        fixed = {k: v for k, v in state.params.items() if k not in trainable_set}
+        train_params = {k: state.params[k] for k in trainable}
+        args = (fixed, state.buffers, images, masks)
+        if grad_impl == "func":
+            grads, (loss, (new_buffers, parts)) = torch.func.grad_and_value(
+                objective, has_aux=True)(train_params, *args)
+        else:
+            leaves = {k: v.detach().requires_grad_(True) for k, v in train_params.items()}
+            with torch.enable_grad():
+                loss, (new_buffers, parts) = objective(leaves, *args)
+                grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+            loss = loss.detach()
+        return update(state, train_params, grads, {"loss": loss, **parts}, new_buffers)
+
+    core = _compiled(step, compile)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        functional.set_mode(model, train=True, frozen=frozen_modules)
+        return core(state, batch)
+
+    return train_step
+
+
+def check_grad_impl(grad_impl: str, compile: bool | str, checkpoint_activations: bool) -> str:
+    """The gradient implementation make_train_step uses ("auto" resolved), or ValueError."""
     if grad_impl == "auto":
         grad_impl = "func" if compile else "autograd"
     if grad_impl not in ("autograd", "func"):
@@ -92,35 +128,44 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
     if checkpoint_activations and grad_impl != "autograd":
         raise ValueError("train.checkpoint_activations=True needs train.grad_impl='autograd' "
                          "(torch.func.grad has no saved-tensor hooks), so train.compile=False")
-    if checkpoint_activations:
-        model = functional.recompute_blocks(model, models.CHECKPOINT_BLOCKS)
+    return grad_impl
+
+
+def make_objective(model: nn.Module, loss_fn: Callable, *, aux_weight: float = 0.0,
+                   precision: str = "fp32", channels_last: bool = False,
+                   checkpoint_activations: bool = False) -> Callable:
+    """objective(train_params, fixed_params, buffers, images, masks) -> (loss, (new buffers,
+    the other loss scalars)): the train loss of one batch as a function of the trainable
+    parameters. Everything it reads is an argument, so it can be differentiated
+    (torch.func.grad) and mapped over stacked models (torch.func.vmap, seg/seeds.py).
+    checkpoint_activations: `model` recomputes its blocks in the backward
+    (functional.recompute_blocks); the forward's BatchNorm statistics are kept."""
     forward = _forward(model, precision, channels_last)
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        images, masks = batch
-        fixed = {k: v for k, v in state.params.items() if k not in trainable_set}
+    def objective(train_params: Params, fixed: Params, buffers: Buffers, images: Tensor,
+                  masks: Tensor):
+        out, new_buffers = forward({**fixed, **train_params}, buffers, images)
+        if checkpoint_activations:
+            # The backward's recomputation runs BatchNorm again, which updates these
+            # statistics a second time: keep the forward's values.
+            new_buffers = {k: v.clone() for k, v in new_buffers.items()}
+        parts = losses.head_losses(out, masks, loss_fn, aux_weight)
+        loss = parts.pop("loss")
+        return loss, (new_buffers, {k: v.detach() for k, v in parts.items()})
 
-        def loss_of(train_params: Params):
-            out, new_buffers = forward({**fixed, **train_params}, state.buffers, images)
-            if checkpoint_activations:
-                # The backward's recomputation runs BatchNorm again, which updates these
-                # statistics a second time: keep the forward's values.
-                new_buffers = {k: v.clone() for k, v in new_buffers.items()}
-            parts = losses.head_losses(out, masks, loss_fn, aux_weight)
-            loss = parts.pop("loss")
-            return loss, (new_buffers, {k: v.detach() for k, v in parts.items()})
+    return objective
 
-        train_params = {k: state.params[k] for k in trainable}
-        if grad_impl == "func":
-            grads, (loss, (new_buffers, parts)) = torch.func.grad_and_value(
-                loss_of, has_aux=True)(train_params)
-        else:
-            leaves = {k: v.detach().requires_grad_(True) for k, v in train_params.items()}
-            with torch.enable_grad():
-                loss, (new_buffers, parts) = loss_of(leaves)
-                grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
-            loss = loss.detach()
-        scalars = {"loss": loss, **parts}
+
+def make_update(optimizer: Optimizer, schedule: Schedule, *, donate: bool = False,
+                grad_reduce: GradReduce | None = None, skip_nonfinite: bool = False
+                ) -> Callable:
+    """update(state, train_params, grads, scalars, new_buffers) -> (new state, metrics): the
+    optimizer step and the step's metrics, after the gradients (see make_train_step for the
+    options). Element-wise throughout, so it also steps K models stacked along a first axis
+    at once (seg/seeds.py), their scalars then of shape (K,)."""
+
+    def update(state: TrainState, train_params: Params, grads: Params, scalars: dict,
+               new_buffers: Buffers) -> tuple[TrainState, dict]:
         if grad_reduce is not None:
             grads, scalars = grad_reduce(grads, scalars)
         finite = torch.isfinite(scalars["loss"])
@@ -134,13 +179,7 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
         out_metrics = {**scalars, "lr": schedule(state.step), "finite": finite}
         return TrainState(state.step + 1, params, new_buffers, opt_state), out_metrics
 
-    core = _compiled(step, compile)
-
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        functional.set_mode(model, train=True, frozen=frozen_modules)
-        return core(state, batch)
-
-    return train_step
+    return update
 
 
 def make_infer(model: nn.Module, *, logits_fn: Callable | None = None, precision: str = "fp32",
