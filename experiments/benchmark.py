@@ -29,6 +29,13 @@ the mode keeps between steps plus the most a steady-state step adds (torch.cuda 
 GPU; on CPU the peak RSS of a fresh process per mode above its RSS before the mode was built,
 Linux and glibc only, compiled modes left out; else n/a).
 --explain instead runs torch._dynamo.explain over the fast step and prints graphs and breaks.
+
+--vmap_seeds=2,4,8 instead times train.num_seeds (seg/seeds_bench.py): one vmapped step of K
+members against K separate steps, for UNet (base 16) and PSPNet-R18 at CamVid's half-resolution
+crop (176x240, 11 classes), in the --vmap_modes given (eager, bf16, channels_last, compile, fast):
+
+  python experiments/benchmark.py --vmap_seeds=2,4,8 --out=seeds_cpu.json
+  python experiments/benchmark.py --vmap_seeds=2,4,8 --vmap_modes=eager,bf16 --out=seeds_gpu.json
 """
 from __future__ import annotations
 
@@ -47,7 +54,7 @@ from absl import app, flags
 
 from configs import deeplabv3, fcn8s, fcn_resnet50, pspnet, unet
 from seg import runtime
-from seg import functional, losses, models, optim, rundir
+from seg import functional, losses, models, optim, rundir, seeds_bench
 from seg import train as seg_train
 
 # name: (label, config module, model overrides)
@@ -88,6 +95,14 @@ _MEMORY = flags.DEFINE_bool("memory", True, "Measure peak memory (CPU: one proce
 _EXPLAIN = flags.DEFINE_bool("explain", False, "Run torch._dynamo.explain instead of timing.")
 _OUT = flags.DEFINE_string("out", None, "JSON output path (optional).")
 _KEEP = flags.DEFINE_bool("keep_freed_memory", True, "seg.runtime.keep_freed_memory (glibc).")
+_VMAP_SEEDS = flags.DEFINE_list("vmap_seeds", [], "Numbers of members K: time train.num_seeds "
+                                 "(one vmapped step of K against K steps) instead of the modes.")
+_VMAP_MODELS = flags.DEFINE_list("vmap_models", ["unet", "pspnet"], "--vmap_seeds: of "
+                                 "unet (base 16), pspnet (ResNet-18).")
+_VMAP_MODES = flags.DEFINE_list("vmap_modes", ["eager"], "--vmap_seeds: of eager, bf16, "
+                                "channels_last, compile, fast.")
+_VMAP_CROP = flags.DEFINE_list("vmap_crop", ["176", "240"], "--vmap_seeds: image H,W (CamVid "
+                               "at half resolution).")
 _PROBE = flags.DEFINE_string("probe_memory", None, "Internal: measure one mode's CPU memory.")
 
 
@@ -375,12 +390,45 @@ def explain(s: Setup) -> dict:
             "break_reasons": [str(b.reason) for b in e.break_reasons]}
 
 
+# --vmap_seeds: name -> (label, config module, model overrides), at CamVid's 11 classes
+VMAP_MODELS = {"unet": ("UNet, base 16", unet, {"base_channels": 16}),
+               "pspnet": ("PSPNet-R18", pspnet, {"backbone": "resnet18"})}
+
+
+def vmap_seeds(device: torch.device, env: dict) -> None:
+    """The train.num_seeds table: seg.seeds_bench.benchmark per model and mode."""
+    gpu, rows = device.type == "cuda", []
+    ks = [int(k) for k in _VMAP_SEEDS.value]
+    for name in _VMAP_MODELS.value:
+        label, module, overrides = VMAP_MODELS[name]
+        for mode in _VMAP_MODES.value:
+            cfg = module.get_config()
+            cfg.model.update(overrides)
+            cfg.data.num_classes = 11
+            options = MODES[mode]
+            cfg.train.precision = options.get("precision", "fp32")
+            cfg.train.channels_last = options.get("channels_last", False)
+            cfg.train.compile = _BACKEND.value if options.get("compile") else False
+            progress(f"{label} {mode}: K = {ks}")
+            found = seeds_bench.benchmark(
+                cfg, ks, batch_size=_BATCH.value or (8 if gpu else 2),
+                crop=tuple(int(v) for v in _VMAP_CROP.value), device=device,
+                rounds=_ROUNDS.value, warmup=_WARMUP.value)
+            rows += [{**r, "label": label, "mode": mode} for r in found]
+            print(seeds_bench.markdown(found, lambda r: f"{label} {mode}"), flush=True)
+            if _OUT.value:
+                rundir.write_json(_OUT.value, {"results": rows, "environment": env})
+
+
 def main(argv):
     del argv
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if _KEEP.value:
         runtime.keep_freed_memory()  # CPU steps re-allocate big tensors; see seg/runtime.py
-    for flag, given, known in (("models", _MODELS.value, MODELS), ("modes", _MODES.value, MODES)):
+    vmap_modes = [m for m, o in MODES.items() if o is not None and m != "checkpoint"]
+    for flag, given, known in (("models", _MODELS.value, MODELS), ("modes", _MODES.value, MODES),
+                               ("vmap_models", _VMAP_MODELS.value, VMAP_MODELS),
+                               ("vmap_modes", _VMAP_MODES.value, vmap_modes)):
         if set(given) - set(known):
             sys.exit(f"error: --{flag} has {sorted(set(given) - set(known))}, not one of "
                      f"{list(known)}")
@@ -394,6 +442,8 @@ def main(argv):
            "device": torch.cuda.get_device_name(device) if gpu else "cpu",
            "threads": torch.get_num_threads(), "keep_freed_memory": _KEEP.value,
            "argv": sys.argv, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
+    if _VMAP_SEEDS.value:
+        return vmap_seeds(device, env)
     results = []
     if not _EXPLAIN.value:
         print(table_head(gpu), flush=True)
