@@ -214,9 +214,9 @@ def mapped_copy(model: nn.Module, calls: Sequence[DropoutCall]) -> nn.Module:
 
 def _autocast_conv(conv: nn.Module, path: str) -> Callable:
     """conv's forward, casting its input, weight and bias to the autocast dtype itself when
-    autocast is on, as autocast would: under torch.func.vmap a convolution's batching rule
-    runs below autocast, which then leaves it in float32 (torch 2.14; the other ops of
-    autocast's lists, matmuls included, are cast). Outside autocast: the plain forward."""
+    autocast is on, as autocast would: autocast does not reach a convolution under
+    torch.func.vmap, which then stays float32 (torch 2.14; the other ops of autocast's lists,
+    matmuls included, are cast). Outside autocast: the plain forward."""
     cls = type(conv)
     if cls.forward not in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
                            nn.ConvTranspose2d.forward):
@@ -284,8 +284,11 @@ class SeedRng:
 
     def __init__(self, seed: int, device: torch.device):
         self.device = device
-        with self._forked():
-            torch.manual_seed(seed)
+        with self._forked():  # torch.manual_seed's effect on these two generators only
+            torch.default_generator.manual_seed(seed)
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
             self._state = self._get()
 
     def _forked(self):
@@ -327,6 +330,16 @@ def draw_masks(calls: Sequence[DropoutCall], rngs: Sequence[SeedRng]) -> dict[st
 
 
 # ---------------------------------------------------------------- the step
+
+# (words of torch's error, what it means here) for what the first vmapped step can meet
+_UNSUPPORTED = (
+    ("random operation",  # vmap's default randomness="error" caught a draw
+     "the model draws random numbers outside nn.Dropout / nn.Dropout2d, which cannot be "
+     "drawn per member under vmap"),
+    ("inside vmap is only supported with memory_format",  # torch 2.14, e.g. in interpolate
+     "train.compile=True with train.channels_last=True: the compiled model makes a "
+     "channels_last copy inside vmap, which torch does not implement; drop one of the two"),
+)
 
 
 def make_train_step(model: nn.Module, loss_fn: Callable, optimizer, schedule, *,
@@ -395,12 +408,11 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer, schedule, *,
             return core(state, images, labels, masks)
         try:
             return core(state, images, labels, masks)
-        except RuntimeError as e:  # vmap's default randomness="error" caught a draw
-            if "random operation" not in str(e):
+        except Exception as e:  # what only running the model under vmap finds
+            why = next((why for found, why in _UNSUPPORTED if found in str(e)), None)
+            if why is None:
                 raise
-            raise ConfigError("train.num_seeds > 1: the model draws random numbers outside "
-                             "nn.Dropout / nn.Dropout2d, which cannot be drawn per member "
-                             f"under vmap ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"train.num_seeds > 1: {why}") from None
 
     return train_step
 

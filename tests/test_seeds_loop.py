@@ -178,6 +178,8 @@ def test_refused_combinations_are_one_line_errors(tmp_path):
     assert proc.returncode == 1 and len(lines) == 1 and "nonfinite='skip'" in lines[0], lines
     with pytest.raises(errors.ConfigError, match="train.num_seeds=0 must be positive"):
         loop.train_and_evaluate(config(num_seeds=0), tmp_path / "w")
+    with pytest.raises(ValueError, match="run the seeds as separate jobs"):
+        loop.check_train(config(num_seeds=2), 2, torch.device("cpu"))  # under torchrun
     assert not (tmp_path / "w").exists()  # refused before anything was written
 
 
