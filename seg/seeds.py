@@ -29,9 +29,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from seg import functional
-from seg.errors import ConfigError
 from seg import train as steps
-from seg.functional import Buffers, Params
+from seg.errors import ConfigError
 
 # The dropout modules whose masks can be drawn per member, and whether they drop whole
 # feature maps (F.dropout2d on a 4-D input is aten::feature_dropout) or single elements.

@@ -6,7 +6,8 @@ can call `benchmark` for each config it cares about.
 Both sides are the steps the loop runs (seg.experiment.train_step of the config, state donated),
 at the config's precision, memory format and compile setting. The two are timed in turns, the
 order alternating each round, so drift of a shared machine hits both; the speedup is the median
-over rounds of the per-round ratio. Data loading is not timed (each member's batch is made once).
+over rounds of the per-round ratio. Data loading is not timed (each member's batch is made once;
+its cost is loader_bench.py --num_seeds's).
 """
 from __future__ import annotations
 
@@ -53,52 +54,55 @@ def benchmark(cfg, num_seeds=(2, 4, 8), *, batch_size: int | None = None,
     """For each K: the median seconds of one vmapped step of K members ("vmap_s") and of K
     separate steps ("sequential_s"), their interquartile ranges, the speedup (median of the
     per-round sequential / vmap ratios; above 1 the vmapped step is faster), images/s of
-    each, and on a GPU the peak memory of each. cfg: a model config (its train.precision,
-    channels_last, compile and optimizer are used; data.num_classes sets the outputs).
-    batch_size: images per member (default: the config's); crop: the (H, W) of the images;
-    rounds: timed rounds (default 10 on a GPU, 3 on the CPU)."""
+    each, and on a GPU the memory each step needs above the states it starts from
+    ("*_step_mib": activations; K members' at once for vmap, one member's for the others).
+    cfg: a model config (its train.precision, channels_last, compile and optimizer are used;
+    data.num_classes sets the outputs). batch_size: images per member (default: the
+    config's); crop: the (H, W) of the images; rounds: timed rounds (default 10 on a GPU, 3 on
+    the CPU)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = batch_size or cfg.train.batch_size
     rounds = rounds or (10 if device.type == "cuda" else 3)
-    rows = []
-    for k in num_seeds:
-        g = torch.Generator().manual_seed(k)
-        images = torch.randn(k, batch_size, 3, *crop, generator=g).to(device)
-        masks = torch.randint(0, cfg.data.num_classes, (k, batch_size, *crop),
-                              generator=g).to(device)
-        (stacked_step, stacked), (single, singles), rngs = _members(cfg, k, device)
-
-        def run_vmap():
-            nonlocal stacked
-            stacked, _ = stacked_step(stacked, (images, masks), rngs)
-
-        def run_sequential():
-            for s in range(k):
-                singles[s], _ = single(singles[s], (images[s], masks[s]))
-
-        timed = {"vmap": run_vmap, "sequential": run_sequential}
-        for _ in range(warmup):
-            for fn in timed.values():
-                fn()
-        _sync(device)
-        seconds = {name: [] for name in timed}
-        peak = {}
-        for r in range(rounds):
-            for name in (list(timed) if r % 2 == 0 else list(timed)[::-1]):
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                t0 = time.perf_counter()
-                timed[name]()
-                _sync(device)
-                seconds[name].append(time.perf_counter() - t0)
-                if device.type == "cuda":
-                    peak[name] = torch.cuda.max_memory_allocated(device) / 2**20
-        rows.append(_row(cfg, k, batch_size, crop, device, seconds, peak))
-        del stacked, singles
-    return rows
+    return [_time(cfg, k, batch_size, crop, device, rounds, warmup) for k in num_seeds]
 
 
-def _row(cfg, k, batch_size, crop, device, seconds, peak) -> dict:
+def _time(cfg, k: int, batch_size: int, crop, device: torch.device, rounds: int,
+          warmup: int) -> dict:
+    g = torch.Generator().manual_seed(k)
+    images = torch.randn(k, batch_size, 3, *crop, generator=g).to(device)
+    masks = torch.randint(0, cfg.data.num_classes, (k, batch_size, *crop), generator=g).to(device)
+    (stacked_step, stacked), (single, singles), rngs = _members(cfg, k, device)
+
+    def run_vmap():
+        nonlocal stacked
+        stacked, _ = stacked_step(stacked, (images, masks), rngs)
+
+    def run_sequential():
+        for s in range(k):
+            singles[s], _ = single(singles[s], (images[s], masks[s]))
+
+    timed = {"vmap": run_vmap, "sequential": run_sequential}
+    for _ in range(warmup):
+        for fn in timed.values():
+            fn()
+    _sync(device)
+    seconds = {name: [] for name in timed}
+    extra = {}
+    for r in range(rounds):
+        for name in (list(timed) if r % 2 == 0 else list(timed)[::-1]):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            t0 = time.perf_counter()
+            timed[name]()
+            _sync(device)
+            seconds[name].append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                extra[name] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    return _row(cfg, k, batch_size, crop, device, seconds, extra)
+
+
+def _row(cfg, k, batch_size, crop, device, seconds, extra) -> dict:
     def median(xs):
         return statistics.median(xs)
 
@@ -117,8 +121,8 @@ def _row(cfg, k, batch_size, crop, device, seconds, peak) -> dict:
            "speedup": median([b / a for a, b in zip(seconds["vmap"], seconds["sequential"])]),
            "vmap_images_per_s": images / v, "sequential_images_per_s": images / s,
            "rounds": len(seconds["vmap"]), "threads": torch.get_num_threads()}
-    if peak:
-        row["vmap_peak_mib"], row["sequential_peak_mib"] = peak["vmap"], peak["sequential"]
+    if extra:
+        row["vmap_step_mib"], row["sequential_step_mib"] = extra["vmap"], extra["sequential"]
     return row
 
 

@@ -6,7 +6,7 @@ evaluate, predict, report and the sweeps read a member exactly as a separate run
 Each member is a seg.loop._Loop without a train step: its log window, clock, eval history,
 dropout stream (seeds.SeedRng), writer and run directory, and the loop's own methods for
 logging, evaluating, drawing and saving. This loop holds the stacked state, steps it, and hands
-each member its unstacked state whenever a member logs, evaluates or saves. <workdir> itself
+each member a copy of its own state whenever the member evaluates or saves. <workdir> itself
 holds the group's config.json (the command's config) and seeds.json (the members and the mean
 and standard deviation of their final numbers).
 """
@@ -21,8 +21,8 @@ from seg import experiment, rundir, seeds
 from seg import train as steps
 from seg.data import batches
 from seg.distributed import World
-from seg.loop import _Loop, due
 from seg.errors import config_errors
+from seg.loop import _Loop, due
 from seg.rundir import RunDir
 from seg.tracking import Clock
 from seg.writers import Writer

@@ -386,3 +386,18 @@ def test_member_batches_are_each_seeds_own():
         for k, stream in enumerate(alone):
             i, m = next(stream)
             assert torch.equal(images[k], i) and torch.equal(labels[k], m)
+
+
+def test_benchmark_gives_the_rows_a_gpu_check_reads():
+    """seg.seeds_bench.benchmark runs both sides of the comparison (not a timing test)."""
+    from seg import seeds_bench
+
+    cfg = unet.get_config()
+    cfg.model.base_channels, cfg.model.depth = 4, 2
+    rows = seeds_bench.benchmark(cfg, (2,), batch_size=2, crop=(16, 16), device="cpu",
+                                 rounds=2, warmup=1)
+    (row,) = rows
+    assert (row["num_seeds"], row["batch_size"], row["crop"]) == (2, 2, [16, 16])
+    assert row["vmap_s"] > 0 and row["sequential_s"] > 0 and row["speedup"] > 0
+    assert row["vmap_images_per_s"] == pytest.approx(4 / row["vmap_s"])
+    assert "| 2 | 2 |" in seeds_bench.markdown(rows)
