@@ -392,7 +392,7 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer, schedule, *,
 
     def train_step(state: steps.TrainState, batch, rngs: Sequence[SeedRng]):
         images, labels = batch
-        if len(rngs) != images.shape[0] or state.step.dim():
+        if len(rngs) != images.shape[0]:
             raise ValueError(f"{len(rngs)} dropout streams for {images.shape[0]} members")
         key = tuple(images.shape)
         first = key not in built
