@@ -25,6 +25,23 @@ MODELS = {
 }
 
 
+# train.num_seeds benchmarks (experiments/benchmark.py --vmap_seeds): small models at CamVid's
+# 11 classes, what several seeds of one config leave of a device otherwise idle
+VMAP_MODELS = {"unet": ("UNet, base 16", unet, {"base_channels": 16}),
+               "pspnet": ("PSPNet-R18", pspnet, {"backbone": "resnet18"})}
+
+
+def vmap_model(name: str, precision: str = "fp32", channels_last: bool = False,
+               compile=False) -> tuple[str, ml_collections.ConfigDict]:
+    """(label, config) of a --vmap_seeds model at the given fast-path settings."""
+    label, module, overrides = VMAP_MODELS[name]
+    cfg = module.get_config()
+    cfg.model.update(overrides)
+    cfg.data.num_classes = 11
+    cfg.train.update(precision=precision, channels_last=channels_last, compile=compile)
+    return label, cfg
+
+
 def model(name: str, num_classes: int = 21) -> tuple[str, ml_collections.ConfigDict]:
     """(label, experiment config) of a benchmark model; 21 classes: PASCAL VOC's. The schedule
     is constant: the torch.optim loops it is timed against have no scheduler."""

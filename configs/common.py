@@ -127,6 +127,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.grad_bucket_mb = 25.0          # eager steps: all-reduce buckets started during the
                                            # backward (DDP's size); 0: one all-reduce after it
     c.train.nonfinite = "stop"             # NaN/Inf loss: stop (exit naming the step) | skip
+    # K > 1: seeds seed .. seed+K-1 trained together by one vmapped step (seg/seeds.py), each
+    # an ordinary run in <workdir>/seed<s>/ equal to a separate run of its seed up to rounding
+    c.train.num_seeds = 1
     c.train.deterministic = False          # torch.use_deterministic_algorithms + cuDNN/cuBLAS
     c.train.num_pictures = 4               # val images drawn at each eval (predictions/); 0 = off
     c.train.tensorboard = False            # also log to <workdir>/tensorboard (needs tensorboard)

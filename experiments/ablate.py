@@ -7,11 +7,15 @@ run directory each, then the mean and standard deviation over the seeds per vari
   python experiments/ablate.py --study=fcn_skips --root=runs/ablate_fcn \
       --override=model.fc_channels=1024
   python experiments/ablate.py --study=unet --preset=membrane --root=runs/ablate_unet
+  python experiments/ablate.py --study=loss --model=unet --root=runs/ablate_loss \
+      --seeds=0,1,2 --vmap
 
 Writes <root>/<variant>/seed<k>/ and <root>/summary.json, and prints the summary as a markdown
 table: mean and standard deviation over the seeds, and each variant's val mIoU difference from
 --baseline with its 95% paired-bootstrap interval over images and seeds (seg/compare.py). Runs
-already finished with the same config are read back, unfinished ones resume.
+already finished with the same config are read back, unfinished ones resume. With --vmap the
+seeds of a variant train together as one run of train.num_seeds in <root>/<variant>, whose
+members are the same <root>/<variant>/seed<k> directories.
 """
 from absl import app, flags
 
@@ -28,6 +32,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (config.seed) each varian
 _ROOT = flags.DEFINE_string("root", None, "Sweep directory (<root>/<variant>/seed<k>).")
 _BASELINE = flags.DEFINE_string("baseline", None, "The variant the others are compared with "
                                 "(default: the study's first).")
+_VMAP = flags.DEFINE_bool("vmap", False, "Train all seeds of a variant at once, as one run of "
+                          "train.num_seeds (seg/seeds.py); the seeds must be consecutive.")
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "key=value set in every run's config, "
                                       "e.g. --override=train.batch_size=4 (repeatable).")
 flags.mark_flags_as_required(["study", "root"])
@@ -38,7 +44,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     print(sweep.sweep_and_report(ablations.variants(_STUDY.value, _PRESET.value, _MODEL.value),
                                  _ROOT.value, _SEEDS.value, _STEPS.value, _OVERRIDE.value,
-                                 _BASELINE.value))
+                                 _BASELINE.value, vmap=_VMAP.value))
 
 
 if __name__ == "__main__":

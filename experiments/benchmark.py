@@ -18,6 +18,8 @@ Modes (each skipped where it does not apply):
   checkpoint     eager with activation checkpointing of the encoder's blocks / UNet double convs.
 How they are timed (round-robin, paired ratios, FLOPs, MFU, peak memory): seg/bench.py.
 --explain instead runs torch._dynamo.explain over the fast step and prints graphs and breaks.
+--vmap_seeds=2,4,8 instead times train.num_seeds: one vmapped step of K members against K
+separate steps (seg/seeds_bench.py), for --vmap_models in --vmap_modes.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 from absl import flags
 
 from configs import benchmarks
-from seg import bench, cli
+from seg import bench, cli, seeds_bench
 
 _MODELS = flags.DEFINE_list("models", list(benchmarks.MODELS),
                             f"Models to time, of {list(benchmarks.MODELS)}.")
@@ -46,6 +48,14 @@ _MEMORY = flags.DEFINE_bool("memory", True, "Measure peak memory (CPU: one proce
 _EXPLAIN = flags.DEFINE_bool("explain", False, "Run torch._dynamo.explain instead of timing.")
 _OUT = flags.DEFINE_string("out", None, "JSON output path (optional).")
 _KEEP = flags.DEFINE_bool("keep_freed_memory", True, "seg.runtime.keep_freed_memory (glibc).")
+_VMAP_SEEDS = flags.DEFINE_list("vmap_seeds", [], "Numbers of members K: time train.num_seeds "
+                                "(one vmapped step of K against K steps) instead of the modes.")
+_VMAP_MODELS = flags.DEFINE_list("vmap_models", list(benchmarks.VMAP_MODELS),
+                                 f"--vmap_seeds: of {list(benchmarks.VMAP_MODELS)}.")
+_VMAP_MODES = flags.DEFINE_list("vmap_modes", ["eager"], "--vmap_seeds: of eager, bf16, "
+                                "channels_last, compile, fast.")
+_VMAP_CROP = flags.DEFINE_list("vmap_crop", ["176", "240"], "--vmap_seeds: image H,W (CamVid "
+                               "at half resolution).")
 
 
 def main(argv):
@@ -57,6 +67,15 @@ def main(argv):
                      f"{list(known)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
+    if _VMAP_SEEDS.value:
+        configs = [(f"{label} {mode}", cfg) for name in _VMAP_MODELS.value
+                   for mode in _VMAP_MODES.value
+                   for label, cfg in [benchmarks.vmap_model(name, **_vmap_options(mode))]]
+        seeds_bench.run(configs, [int(k) for k in _VMAP_SEEDS.value],
+                        batch_size=_BATCH.value or (8 if gpu else 2),
+                        crop=tuple(int(v) for v in _VMAP_CROP.value), device=device,
+                        rounds=_ROUNDS.value, warmup=_WARMUP.value, out=_OUT.value)
+        return
     batch, size = _BATCH.value or (16 if gpu else 2), _SIZE.value or (512 if gpu else 128)
     setups = (bench.Setup(cfg, device, batch, size, label, name) for name, (label, cfg) in
               ((n, benchmarks.model(n, _CLASSES.value)) for n in _MODELS.value))
@@ -64,6 +83,16 @@ def main(argv):
                      steps=_STEPS.value or (5 if gpu else 1), warmup=_WARMUP.value,
                      backend=_BACKEND.value, memory=_MEMORY.value, peak_tflops=_PEAK.value,
                      keep_freed_memory=_KEEP.value, explain_only=_EXPLAIN.value, out=_OUT.value)
+
+
+def _vmap_options(mode: str) -> dict:
+    if mode not in ("eager", "bf16", "channels_last", "compile", "fast"):
+        sys.exit(f"error: --vmap_modes has {mode!r}, not one of eager, bf16, channels_last, "
+                 "compile, fast")
+    options = bench.MODES[mode]
+    return {"precision": options.get("precision", "fp32"),
+            "channels_last": options.get("channels_last", False),
+            "compile": _BACKEND.value if options.get("compile") else False}
 
 
 if __name__ == "__main__":

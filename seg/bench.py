@@ -391,29 +391,37 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: 
 
 
 def loader_rates(data_cfg, batch_size: int, seed: int, workers: list[int], *, steps: int,
-                 warmup: int, device: torch.device, prefetch: int = 2) -> list[dict]:
+                 warmup: int, device: torch.device, prefetch: int = 2,
+                 num_seeds: tuple[int, ...] = (1,)) -> list[dict]:
     """Images/s (and megapixels/s of the crops) of the train input pipeline alone: reading,
     decoding, augmenting, collating, the copy to `device` and normalising, with no model, for
     each number of DataLoader workers; `steps` batches timed after `warmup` untimed ones
-    (worker start-up, page cache)."""
+    (worker start-up, page cache). num_seeds: for each K > 1, the batches of the K members of a
+    train.num_seeds run (each its own order and augmentation: batches.member_batches), K x
+    batch_size images a step."""
     dataset = data.build(data_cfg, "train")
     transform = augment.train_transform(data_cfg, dataset.info)
     rows = []
     for n in workers:
-        stream = batches.train_batches(dataset, transform, batch_size, seed, device=device,
-                                       workers=n, prefetch=prefetch)
-        for _ in range(warmup):
-            images, _ = next(stream)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            images, _ = next(stream)
-        sync(device)
-        rate = steps * batch_size / (time.perf_counter() - start)
-        rows.append({"workers": n, "images_per_s": rate,
-                     "megapixels_per_s": rate * images.shape[-2] * images.shape[-1] / 1e6,
-                     "crop": list(images.shape[-2:])})
-        del stream   # stops its workers before the next count starts its own
+        for k in num_seeds:
+            options = dict(device=device, workers=n, prefetch=prefetch)
+            stream = (batches.train_batches(dataset, transform, batch_size, seed, **options)
+                      if k == 1 else batches.member_batches(
+                          dataset, transform, batch_size, [seed + s for s in range(k)],
+                          **options))
+            for _ in range(warmup):
+                images, _ = next(stream)
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                images, _ = next(stream)
+            sync(device)
+            rate = steps * k * batch_size / (time.perf_counter() - start)
+            rows.append({"workers": n, "num_seeds": k, "images_per_s": rate,
+                         "seconds_per_step": k * batch_size / rate,
+                         "megapixels_per_s": rate * images.shape[-2] * images.shape[-1] / 1e6,
+                         "crop": list(images.shape[-2:])})
+            del stream   # stops its workers before the next count starts its own
     return rows
 
 
@@ -460,14 +468,16 @@ def run_models(setups, modes: list[str], *, rounds: int, steps: int, warmup: int
 
 def run_loader(data_cfg, batch_size: int, seed: int, workers: list[int], *, steps: int,
                warmup: int, device: torch.device, prefetch: int = 2,
-               out: str | None = None) -> list[dict]:
+               num_seeds: tuple[int, ...] = (1,), out: str | None = None) -> list[dict]:
     """loader_rates, printed as a table and written to `out` (JSON)."""
     print(f"{data_cfg.name}: batch {batch_size}, {os.cpu_count()} CPUs, delivered to {device}\n"
-          "| workers | images/s | megapixels/s |\n|---|---|---|", flush=True)
+          "| workers | members K | images/s | megapixels/s | seconds per step |\n"
+          "|---|---|---|---|---|", flush=True)
     rows = loader_rates(data_cfg, batch_size, seed, workers, steps=steps, warmup=warmup,
-                        device=device, prefetch=prefetch)
+                        device=device, prefetch=prefetch, num_seeds=num_seeds)
     for r in rows:
-        print(f"| {r['workers']} | {r['images_per_s']:.1f} | {r['megapixels_per_s']:.1f} |")
+        print(f"| {r['workers']} | {r['num_seeds']} | {r['images_per_s']:.1f} | "
+              f"{r['megapixels_per_s']:.1f} | {r['seconds_per_step']:.3f} |")
     if out:
         from seg import rundir
         rundir.write_json(out, {"data": data_cfg.to_dict(), "batch_size": batch_size,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from seg import amp, data, functional, inference, init_from, losses, metrics, models, optim
-from seg import visualize
+from seg import seeds, visualize
 from seg import train as steps
 from seg.data import DatasetInfo, Split, balance
 from seg.errors import ConfigError, config_errors
@@ -46,16 +46,10 @@ def build(cfg, device: torch.device, *, with_data: bool = True, pretrained: bool
     on disk) naming the field; nothing is written. with_data=False leaves the splits empty;
     pretrained=False skips model.backbone_weights and model.init_from (for a caller that
     restores the run's own weights next)."""
-    report = None
     with config_errors():
         _check_init(cfg)
         splits = data.build_splits(cfg.data) if with_data else {}
-        model, params, buffers = functional.init(
-            lambda: models.build(cfg.model, num_outputs(cfg)), seed=cfg.seed, device=device)
-        if pretrained and cfg.model.backbone_weights:
-            params, buffers = _load_backbone(cfg, params, buffers)
-        if pretrained and cfg.model.get("init_from"):
-            params, buffers, report = _init_from(cfg, params, buffers)
+        model, params, buffers, report = init_model(cfg, device, pretrained=pretrained)
         _check_modules(cfg, model)
         weights = None
         if cfg.loss.class_balance and with_data:
@@ -63,6 +57,21 @@ def build(cfg, device: torch.device, *, with_data: bool = True, pretrained: bool
         loss_fn = losses.build(cfg.loss, cfg.data.num_classes, class_weights=weights)
     return Experiment(splits, model, params, buffers, loss_fn, num_outputs(cfg), weights,
                       report)
+
+
+def init_model(cfg, device: torch.device, *, pretrained: bool = True
+               ) -> tuple[nn.Module, Params, Buffers, init_from.Report | None]:
+    """The model's definition and its initial params and buffers: seeded by cfg.seed, then
+    model.backbone_weights or model.init_from loaded (unless pretrained=False), and what
+    init_from loaded (None without it). Raises what the builders raise."""
+    model, params, buffers = functional.init(
+        lambda: models.build(cfg.model, num_outputs(cfg)), seed=cfg.seed, device=device)
+    report = None
+    if pretrained and cfg.model.backbone_weights:
+        params, buffers = _load_backbone(cfg, params, buffers)
+    if pretrained and cfg.model.get("init_from"):
+        params, buffers, report = _init_from(cfg, params, buffers)
+    return model, params, buffers, report
 
 
 def check(cfg) -> None:
@@ -167,14 +176,19 @@ def eval_step(cfg, model: nn.Module, loss_fn) -> steps.EvalStep:
 
 
 def train_step(cfg, model: nn.Module, loss_fn, grad_reduce=None):
-    """The train step of the config's optimizer, schedule, freezing and fast-path settings."""
+    """The train step of the config's optimizer, schedule, freezing and fast-path settings;
+    with train.num_seeds > 1 the step of that many stacked members (seg.seeds)."""
     t = cfg.train
     with config_errors():
         optimizer, schedule = optim.build(cfg.optimizer, cfg.schedule, t.steps)
         if t.nonfinite not in ("stop", "skip"):
             raise ValueError(f"train.nonfinite={t.nonfinite!r} is not one of stop, skip")
+        num_seeds = t.get("num_seeds", 1)
+        if not isinstance(num_seeds, int) or num_seeds < 1:
+            raise ValueError(f"train.num_seeds={num_seeds!r} must be an integer >= 1")
         trainable = trainable_params(cfg, model)
-        step = steps.make_train_step(
+        make = steps.make_train_step if num_seeds == 1 else seeds.make_train_step
+        step = make(
             model, loss_fn, optimizer, schedule, trainable=trainable, frozen_modules=t.freeze,
             aux_weight=cfg.loss.aux_weight, grad_impl=t.grad_impl, compile=t.compile,
             donate=True,  # the loop never reads an old state again

@@ -25,7 +25,7 @@ from seg.tracking import Clock, DropoutRng, EvalHistory, LogWindow
 from seg.writers import Writer
 
 _POSITIVE = ("steps", "batch_size", "eval_batch_size", "log_every", "eval_every",
-             "checkpoint_every", "keep_checkpoints")
+             "checkpoint_every", "keep_checkpoints", "num_seeds")
 
 
 def train_and_evaluate(cfg, workdir: str | os.PathLike) -> dict:
@@ -58,6 +58,9 @@ def train_and_evaluate(cfg, workdir: str | os.PathLike) -> dict:
             writer.print(f"changed on resume: {c}")
         for line in exp.init_report.lines() if exp.init_report else ():
             writer.print(line)
+        if cfg.train.num_seeds > 1:  # members in <workdir>/seed<s>/, each written as a run
+            from seg import seeds_loop  # it builds on _Loop
+            return seeds_loop.SeedsLoop(cfg, run, exp, device, world, writer).run()
         if world.writes:
             run.write_config(cfg)
             run.write_inference(experiment.inference_meta(cfg, exp.info))
@@ -70,6 +73,10 @@ def check_train(cfg, world_size: int, device: torch.device) -> None:
     for field in _POSITIVE:
         if t[field] <= 0:
             raise ValueError(f"train.{field}={t[field]} must be positive")
+    if t.num_seeds > 1 and world_size > 1:
+        raise ValueError(f"train.num_seeds={t.num_seeds} trains its members in one process; "
+                         f"under torchrun (world size {world_size}) run the seeds as separate "
+                         "jobs")
     if t.batch_size % world_size:
         raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the world size "
                          f"{world_size} (it is the global batch, split over the ranks)")
@@ -101,19 +108,27 @@ class _Loop:
 
     def __init__(self, cfg, run: RunDir, exp: experiment.Experiment, device: torch.device,
                  world: World, writer: Writer):
-        self.cfg, self.rundir, self.exp, self.device, self.world = cfg, run, exp, device, world
-        self.writer = writer
         if world.size > 1 and cfg.train.sync_bn:
             distributed.convert_sync_batchnorm(exp.model, world.group)
         grad_reduce = (distributed.grad_reducer(world.group, cfg.train.grad_bucket_mb)
                        if world.size > 1 else None)
         self.train_step, optimizer, trainable = experiment.train_step(
             cfg, exp.model, exp.loss_fn, grad_reduce)
-        self.eval_step = experiment.eval_step(cfg, exp.model, exp.loss_fn)
-        self.infer = experiment.infer(cfg, exp.model)
+        self._setup(cfg, run, exp, device, world, writer, trainable,
+                    experiment.eval_step(cfg, exp.model, exp.loss_fn),
+                    experiment.infer(cfg, exp.model))
         self.state = steps.init_state(exp.params, exp.buffers, optimizer, trainable,
                                       channels_last=cfg.train.channels_last,
                                       loss_scale=experiment.loss_scale(cfg))
+        self.rng = DropoutRng(cfg.seed, device, world.rank, world.size, world.group)
+
+    def _setup(self, cfg, run: RunDir, exp: experiment.Experiment, device: torch.device,
+               world: World, writer: Writer, trainable, eval_step, infer) -> None:
+        """What a run keeps besides its train state and dropout RNG: its directory, output,
+        evaluation and helpers (each member of a train.num_seeds run has its own:
+        seg/seeds_loop.py)."""
+        self.cfg, self.rundir, self.exp, self.device, self.world = cfg, run, exp, device, world
+        self.writer, self.eval_step, self.infer = writer, eval_step, infer
         self.model_info = {"name": cfg.model.name, "params": functional.count(exp.params),
                            "trainable_params": sum(exp.params[k].numel() for k in trainable)}
         if exp.init_report is not None:
@@ -122,15 +137,16 @@ class _Loop:
         self.evals = EvalHistory(cfg.train.best_metric or "miou")
         self._saved_clock = None
         self._checkpointed_best: int | None = None   # the best step the newest checkpoint knows
-        self.rng = DropoutRng(cfg.seed, device, world.rank, world.size, world.group)
 
     # ------------------------------------------------------------------ resume
 
     def _resume(self) -> int:
         """Loads the newest checkpoint into the state and the helpers; the step to go on from."""
         saved = self.rundir.restore_checkpoint(map_location=self.device)
-        if saved is None:
-            return 0
+        return 0 if saved is None else self._restore(saved)
+
+    def _restore(self, saved: dict) -> int:
+        """Loads a checkpoint's payload into the state and the helpers; its step."""
         self.state = steps.TrainState(**saved["state"])
         for name in ("window", "evals", "rng"):
             getattr(self, name).load_state_dict(saved[name])
@@ -182,9 +198,7 @@ class _Loop:
         for step in range(start + 1, t.steps + 1):
             self.state, m = self.train_step(self.state, self.clock.next_batch(stream))
             self.window.add(self.state.step, m)
-            log_now = step % t.log_every == 0 or step == t.steps
-            eval_now = step % t.eval_every == 0 or step == t.steps
-            save_now = step % t.checkpoint_every == 0 or step == t.steps
+            log_now, eval_now, save_now = due(t, step)
             if step == start + 1 and not log_now:  # compilation, autotuning: say how long
                 self.writer.print(writers.first_step_line(step, self.clock.lap(sync=True),
                                                           t.compile))
@@ -203,7 +217,8 @@ class _Loop:
                     self._save(step)
         del stream  # stops the loader's workers before the test split is read
         if "test" in self.exp.splits:
-            self._evaluate(t.steps, "test")
+            with self.clock.paused("test"):  # not train time
+                self._evaluate(t.steps, "test")
         summary = self.summary(t.steps)
         self.writer.summary(summary)
         self.writer.close()
@@ -333,6 +348,13 @@ class _Loop:
                 "iou_by_class": {split: dict(zip(names, r["iou_per_class"]))
                                  for split, r in last.items()},
                 "environment": runtime.environment(self.device, self.world.size)}
+
+
+def due(t, step: int) -> tuple[bool, bool, bool]:
+    """Whether `step` logs, evaluates, checkpoints (config.train `t`); the last step does all."""
+    last = step == t.steps
+    return (step % t.log_every == 0 or last, step % t.eval_every == 0 or last,
+            step % t.checkpoint_every == 0 or last)
 
 
 def all_finite(state: steps.TrainState) -> bool:

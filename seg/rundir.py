@@ -342,6 +342,27 @@ class RunDir:
         return self.predictions / f"step_{step:08d}.png"
 
 
+def newest_common_checkpoint(runs: list[RunDir], map_location="cpu"
+                             ) -> tuple[int, list[dict]] | None:
+    """(step, payloads) of the newest step at which every run has a readable checkpoint (the
+    members of a train.num_seeds run resume together), or None. Unreadable files are reported,
+    naming them, and an older common step is tried."""
+    steps = set.intersection(*({s for s, _ in r.checkpoint_files()} for r in runs))
+    for step in sorted(steps, reverse=True):
+        payloads = []
+        for r in runs:
+            path = r.checkpoints / f"ckpt_{step:08d}.pt"
+            try:
+                payloads.append(load_checkpoint(path, map_location))
+            except Exception as e:  # a truncated or corrupt file: try an older step
+                warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: "
+                              f"{_first_line(e)}); trying the previous common one")
+                break
+        else:
+            return step, payloads
+    return None
+
+
 class PerImage(NamedTuple):
     """An evaluation's per-image results (RunDir.write_per_image)."""
     index: np.ndarray        # (N,) dataset indices

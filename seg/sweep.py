@@ -7,8 +7,11 @@
                               (val and test) with its 95% paired-bootstrap interval over images
                               and seeds and the sign-flip fraction (seg/compare.py)
 A run already finished with the same config is read, not trained again; an unfinished one
-resumes from its checkpoint. The studies (variants of a base config) are in
-configs/ablations.py; experiments/ablate.py runs one from the command line.
+resumes from its checkpoint. With vmap=True the seeds of a variant train together, as one run
+of train.num_seeds in <root>/<variant> (seg/seeds_loop.py) whose members are the same
+<root>/<variant>/seed<k> directories: either way of training reads the other's runs back.
+The studies (variants of a base config) are in configs/ablations.py; experiments/ablate.py
+runs one from the command line.
 """
 from __future__ import annotations
 
@@ -43,6 +46,9 @@ def plan(configs: dict, seeds, steps=None, overrides=()) -> list[tuple[str, int,
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ConfigError(f"variant name {name!r} must be usable as a directory name")
     parsed = [config_lib.parse_override(o) for o in overrides]
+    if any(k == "train.num_seeds" for k, _ in parsed):
+        raise ConfigError("--override sets train.num_seeds: use --vmap to train the seeds of "
+                          "a variant together")
     clash = sorted({k for k, _ in parsed} & swept_fields(configs))
     if clash:
         raise ConfigError(f"--override sets {', '.join(clash)}, which the sweep varies")
@@ -71,6 +77,30 @@ def run_one(cfg, workdir: Path) -> dict:
     return run.summary()
 
 
+def vmap_groups(runs: list[tuple[str, int, object]]) -> list[tuple[str, int, object]]:
+    """One (variant, first seed, config with train.num_seeds = the number of seeds) per
+    variant of `plan`'s runs, whose seeds must be consecutive (a run of train.num_seeds=K
+    trains seed, seed+1, ..., seed+K-1)."""
+    seeds = sorted({seed for _, seed, _ in runs})
+    if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ConfigError(f"--vmap trains the seeds s, s+1, ... of a variant as one run: "
+                          f"--seeds={','.join(map(str, seeds))} are not consecutive")
+    groups = []
+    for name, seed, cfg in runs:
+        if seed == seeds[0]:
+            cfg.train.num_seeds = len(seeds)
+            groups.append((name, seed, cfg))
+    return groups
+
+
+def run_group(cfg, workdir: Path) -> list[dict]:
+    """Trains (or resumes, or reads back) the members of a train.num_seeds run in
+    workdir/seed<k>; their records."""
+    print(f"== {workdir.name} seeds {cfg.seed}..{cfg.seed + cfg.train.num_seeds - 1} "
+          f"(one vmapped run) -> {workdir}", flush=True)
+    return loop.train_and_evaluate(cfg, workdir)["runs"]  # seg.seeds_loop: run_record's
+
+
 def run_record(summary: dict, seed: int, workdir: Path) -> dict:
     """The compared numbers of one run (None where the run has no such eval)."""
     last = summary.get("last_eval") or {}
@@ -91,14 +121,19 @@ def aggregate(values) -> dict:
 
 
 def run_sweep(configs: dict, root: Path, seeds, steps=None, overrides=(),
-              baseline: str | None = None, resamples: int = 10_000) -> dict:
+              baseline: str | None = None, resamples: int = 10_000, vmap: bool = False) -> dict:
     """Runs every variant with every seed (all configs validated first) and writes
     <root>/summary.json. baseline: the variant the others are compared with (default: the
-    first)."""
+    first). vmap: all seeds of a variant (consecutive) train at once as one run of
+    train.num_seeds (seg/seeds.py) in <root>/<variant>, whose members are the same
+    <root>/<variant>/seed<k> run directories."""
     baseline = baseline or next(iter(configs))
     if baseline not in configs:
         raise ConfigError(f"--baseline={baseline!r} is not a variant ({', '.join(configs)})")
     runs = plan(configs, [int(s) for s in seeds], steps, overrides)
+    vmap = vmap and len(runs) > len(configs)  # one seed: nothing to train together
+    if vmap:
+        runs = vmap_groups(runs)
     for name, seed, cfg in runs:
         try:
             experiment.check(cfg)
@@ -106,12 +141,15 @@ def run_sweep(configs: dict, root: Path, seeds, steps=None, overrides=(),
             raise ConfigError(f"variant {name}: {e}") from None
     records: dict[str, list] = {name: [] for name in configs}
     for name, seed, cfg in runs:
-        workdir = root / name / f"seed{seed}"
-        print(f"== {name} seed {seed} -> {workdir}", flush=True)
         try:
+            if vmap:
+                records[name] += run_group(cfg, root / name)
+                continue
+            workdir = root / name / f"seed{seed}"
+            print(f"== {name} seed {seed} -> {workdir}", flush=True)
             summary = run_one(cfg, workdir)
         except ConfigError as e:
-            raise ConfigError(f"variant {name} seed {seed}: {e}") from None
+            raise ConfigError(f"variant {name}{'' if vmap else f' seed {seed}'}: {e}") from None
         records[name].append(run_record(summary, seed, workdir))
     result = {"root": str(root), "seeds": [int(s) for s in seeds], "steps": steps,
               "overrides": list(overrides), "swept": sorted(swept_fields(configs)),
@@ -149,7 +187,7 @@ def markdown_table(result: dict) -> str:
     header = ["variant", *[label for _, label in COLUMNS], delta, "runs"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, v in result["variants"].items():
-        cells = [_mean_std(v[key], 1 if key == "train_time_s" else 4) for key, _ in COLUMNS]
+        cells = [mean_std(v[key], 1 if key == "train_time_s" else 4) for key, _ in COLUMNS]
         cells.append("baseline" if name == result["baseline"] else _delta(v))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(v['runs'])} |")
     return "\n".join(lines)
@@ -163,7 +201,7 @@ def _delta(variant: dict) -> str:
     return f"{c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]{star}"
 
 
-def _mean_std(stats: dict, digits: int) -> str:
+def mean_std(stats: dict, digits: int) -> str:
     if stats["mean"] is None:
         return "n/a"
     if stats["std"] is None:
@@ -172,13 +210,13 @@ def _mean_std(stats: dict, digits: int) -> str:
 
 
 def sweep_and_report(configs: dict, root: str | Path, seeds, steps=None, overrides=(),
-                     baseline: str | None = None) -> str:
+                     baseline: str | None = None, vmap: bool = False) -> str:
     """run_sweep, then its markdown table and where the summary went (the ablation command)."""
     try:
         seeds = [int(s) for s in seeds]
     except ValueError:
         raise ConfigError(f"--seeds={','.join(map(str, seeds))} must be integers") from None
-    result = run_sweep(configs, Path(root), seeds, steps, overrides, baseline)
+    result = run_sweep(configs, Path(root), seeds, steps, overrides, baseline, vmap=vmap)
     note = ("* the 95% paired-bootstrap interval over images and seeds excludes zero "
             "(seg/compare.py)")
     return f"{markdown_table(result)}\n{note}\n-> {Path(root) / 'summary.json'}"

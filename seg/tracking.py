@@ -146,9 +146,13 @@ class Clock:
         the copy to the device), not the device waiting for the host."""
         t0 = time.perf_counter()
         batch = next(stream)
-        self._waited += time.perf_counter() - t0
-        self._steps += 1
+        self.count_batch(time.perf_counter() - t0)
         return batch
+
+    def count_batch(self, waited: float) -> None:
+        """A batch drawn elsewhere (one stream feeding several clocks: seg/seeds_loop.py)."""
+        self._waited += waited
+        self._steps += 1
 
     def lap(self, sync: bool = False) -> Lap:
         """Train time since the last lap; sync=True waits for the device first (else the

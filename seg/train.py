@@ -104,6 +104,63 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
     """
     trainable, trainable_set = tuple(trainable), frozenset(trainable)
     frozen_modules = tuple(frozen_modules)
+    grad_impl = check_grad_impl(grad_impl, compile, checkpoint_activations)
+    if compile and getattr(optimizer, "fused", False):
+        raise ValueError("optimizer.fused=True runs torch's fused kernels, which torch.compile "
+                         "cannot trace; with train.compile=True inductor fuses the update itself")
+    if checkpoint_activations:
+        model = functional.recompute_blocks(model, models.CHECKPOINT_BLOCKS)
+    objective = make_objective(model, loss_fn, aux_weight=aux_weight, precision=precision,
+                               channels_last=channels_last,
+                               checkpoint_activations=checkpoint_activations)
+    if grad_impl == "func" and hasattr(grad_reduce, "attach"):
+        # torch.func has no hooks to start all-reduces from: one after the backward, as a pure
+        # function that torch.compile traces (the overlapping object keeps per-step state)
+        grad_reduce = grad_reduce.flat
+    scaled = precision == "fp16"
+    update = make_update(optimizer, schedule, donate=donate, grad_reduce=grad_reduce,
+                         skip_nonfinite=skip_nonfinite, clip_norm=clip_norm,
+                         loss_scale=(loss_scale or amp.LossScale()) if scaled else None)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        images, masks = batch
+        fixed = {k: v for k, v in state.params.items() if k not in trainable_set}
+        if scaled and state.loss_scale is None:
+            raise ValueError("train.precision='fp16' needs a loss scale in the train state: "
+                             "init_state(..., loss_scale=LossScale())")
+        scale = state.loss_scale["scale"] if scaled else None
+
+        def loss_of(train_params: Params):
+            loss, (new_buffers, parts) = objective(train_params, fixed, state.buffers, images,
+                                                   masks)
+            scalars = {"loss": loss.detach(), **parts}
+            return (loss * scale if scaled else loss), (new_buffers, scalars)
+
+        train_params = {k: state.params[k] for k in trainable}
+        if grad_impl == "func":
+            grads, (_, (new_buffers, scalars)) = torch.func.grad_and_value(
+                loss_of, has_aux=True)(train_params)
+        else:
+            leaves = {k: v.detach().requires_grad_(True) for k, v in train_params.items()}
+            if hasattr(grad_reduce, "attach"):   # all-reduces overlapping the backward
+                grad_reduce.attach(leaves)
+            with torch.enable_grad():
+                differentiated, (new_buffers, scalars) = loss_of(leaves)
+                grads = dict(zip(leaves, torch.autograd.grad(differentiated,
+                                                             list(leaves.values()))))
+        return update(state, train_params, grads, scalars, new_buffers)
+
+    core = _compiled(step, compile)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        functional.set_mode(model, train=True, frozen=frozen_modules)
+        return core(state, batch)
+
+    return train_step
+
+
+def check_grad_impl(grad_impl: str, compile, checkpoint_activations: bool) -> str:
+    """The gradient implementation make_train_step uses ("auto" resolved), or ValueError."""
     if grad_impl == "auto":
         grad_impl = "func" if compile else "autograd"
     if grad_impl not in ("autograd", "func"):
@@ -115,64 +172,70 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
     if checkpoint_activations and grad_impl != "autograd":
         raise ValueError("train.checkpoint_activations=True needs train.grad_impl='autograd' "
                          "(torch.func.grad has no saved-tensor hooks), so train.compile=False")
-    if compile and getattr(optimizer, "fused", False):
-        raise ValueError("optimizer.fused=True runs torch's fused kernels, which torch.compile "
-                         "cannot trace; with train.compile=True inductor fuses the update itself")
+    return grad_impl
+
+
+def make_objective(model: nn.Module, loss_fn: Callable, *, aux_weight: float = 0.0,
+                   precision: str = "fp32", channels_last: bool = False,
+                   checkpoint_activations: bool = False) -> Callable:
+    """objective(train_params, fixed_params, buffers, images, masks) -> (loss, (new buffers,
+    the other loss scalars)): the train loss of one batch as a function of the trainable
+    parameters. Everything it reads is an argument, so it can be differentiated
+    (torch.func.grad) and mapped over stacked models (torch.func.vmap, seg/seeds.py).
+    checkpoint_activations: `model` recomputes its blocks in the backward
+    (functional.recompute_blocks); the forward's BatchNorm statistics are kept."""
+    forward = _forward(model, precision, channels_last)
+
+    def objective(train_params: Params, fixed: Params, buffers: Buffers, images: Tensor,
+                  masks: Tensor):
+        out, new_buffers = forward({**fixed, **train_params}, buffers, images)
+        if checkpoint_activations:
+            # The backward's recomputation runs BatchNorm again, which updates these
+            # statistics a second time: keep the forward's values.
+            new_buffers = {k: v.clone() for k, v in new_buffers.items()}
+        parts = losses.head_losses(out, masks, loss_fn, aux_weight)
+        loss = parts.pop("loss")
+        return loss, (new_buffers, {k: v.detach() for k, v in parts.items()})
+
+    return objective
+
+
+def make_update(optimizer: Optimizer, schedule: Schedule, *, donate: bool = False,
+                grad_reduce: GradReduce | None = None, skip_nonfinite: bool = False,
+                clip_norm: float = 0.0, loss_scale: amp.LossScale | None = None,
+                stacked: bool = False) -> Callable:
+    """update(state, train_params, grads, scalars, new_buffers) -> (new state, metrics): the
+    optimizer step and the step's metrics, after the gradients (see make_train_step for the
+    options; loss_scale: the rule of an fp16 step, whose scale is in state.loss_scale).
+    stacked: K models stacked along a first axis step at once (seg/seeds.py), their scalars of
+    shape (K,): the update is element-wise, and the gradient norm and clipping are each
+    member's own."""
     if clip_norm < 0:
         raise ValueError(f"optimizer.clip_norm={clip_norm!r} must be >= 0 (0: no clipping)")
-    if checkpoint_activations:
-        model = functional.recompute_blocks(model, models.CHECKPOINT_BLOCKS)
-    forward = _forward(model, precision, channels_last)
-    if grad_impl == "func" and hasattr(grad_reduce, "attach"):
-        # torch.func has no hooks to start all-reduces from: one after the backward, as a pure
-        # function that torch.compile traces (the overlapping object keeps per-step state)
-        grad_reduce = grad_reduce.flat
-    scaled = precision == "fp16"
-    loss_scale = (loss_scale or amp.LossScale()).check() if scaled else None
+    scaled = loss_scale is not None
+    if scaled and stacked:
+        raise ValueError("train.precision='fp16' with train.num_seeds > 1: each member would "
+                         "need its own loss scale; use bf16 or fp32")
+    loss_scale = loss_scale.check() if scaled else None
     skips = skip_nonfinite or scaled   # a skipped step needs the old state: no donation
+    norm_of = _member_norms if stacked else optim.global_norm
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        images, masks = batch
-        fixed = {k: v for k, v in state.params.items() if k not in trainable_set}
-        if scaled and state.loss_scale is None:
-            raise ValueError("train.precision='fp16' needs a loss scale in the train state: "
-                             "init_state(..., loss_scale=LossScale())")
-        scale = state.loss_scale["scale"] if scaled else None
-
-        def loss_of(train_params: Params):
-            out, new_buffers = forward({**fixed, **train_params}, state.buffers, images)
-            if checkpoint_activations:
-                # The backward's recomputation runs BatchNorm again, which updates these
-                # statistics a second time: keep the forward's values.
-                new_buffers = {k: v.clone() for k, v in new_buffers.items()}
-            parts = losses.head_losses(out, masks, loss_fn, aux_weight)
-            objective = parts["loss"] * scale if scaled else parts["loss"]
-            return objective, (new_buffers, {k: v.detach() for k, v in parts.items()})
-
-        train_params = {k: state.params[k] for k in trainable}
-        if grad_impl == "func":
-            grads, (_, (new_buffers, scalars)) = torch.func.grad_and_value(
-                loss_of, has_aux=True)(train_params)
-        else:
-            leaves = {k: v.detach().requires_grad_(True) for k, v in train_params.items()}
-            if hasattr(grad_reduce, "attach"):   # all-reduces overlapping the backward
-                grad_reduce.attach(leaves)
-            with torch.enable_grad():
-                objective, (new_buffers, scalars) = loss_of(leaves)
-                grads = dict(zip(leaves, torch.autograd.grad(objective, list(leaves.values()))))
+    def update(state: TrainState, train_params: Params, grads: Params, scalars: dict,
+               new_buffers: Buffers) -> tuple[TrainState, dict]:
         if grad_reduce is not None:
             grads, scalars = grad_reduce(grads, scalars)
         out_metrics = {**scalars, "lr": schedule(state.step)}
         names, g = list(grads), list(grads.values())
-        apply = None   # where the step's update is kept (a device flag), None: always
+        apply = overflow = None   # where the step's update is kept (a device flag); None: always
         if scaled:
+            scale = state.loss_scale["scale"]
             g = amp.unscale(g, scale)
             overflow = amp.overflowed(g)
             apply = ~overflow
             out_metrics.update(loss_scale=scale, overflow=overflow)
-        norm = optim.global_norm(g)
+        norm = norm_of(g)
         if clip_norm:
-            g = optim.clip_by_global_norm(g, clip_norm, norm)
+            g = _clip(g, clip_norm, norm, stacked)
         grads = dict(zip(names, g))
         finite = torch.isfinite(scalars["loss"])
         if skip_nonfinite:
@@ -188,13 +251,20 @@ def make_train_step(model: nn.Module, loss_fn: Callable, optimizer: Optimizer, s
         out_metrics.update(finite=finite, grad_norm=norm)
         return TrainState(state.step + 1, params, new_buffers, opt_state, new_scale), out_metrics
 
-    core = _compiled(step, compile)
+    return update
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        functional.set_mode(model, train=True, frozen=frozen_modules)
-        return core(state, batch)
 
-    return train_step
+def _member_norms(grads: list[Tensor]) -> Tensor:
+    """(K,) the 2-norm of each stacked member's gradients (first axis: the member)."""
+    squares = [g.float().flatten(1).pow(2).sum(1) for g in grads]
+    return torch.stack(squares).sum(0).sqrt()
+
+
+def _clip(grads: list[Tensor], clip_norm: float, norm: Tensor, stacked: bool) -> list[Tensor]:
+    if not stacked:
+        return optim.clip_by_global_norm(grads, clip_norm, norm)
+    factor = torch.clamp(clip_norm / (norm + 1e-6), max=1.0)   # clip_grad_norm_'s, per member
+    return [g * factor.view(-1, *([1] * (g.dim() - 1))) for g in grads]
 
 
 def make_infer(model: nn.Module, *, logits_fn: Callable | None = None, precision: str = "fp32",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seg import errors, loop
+from seg import errors, loop, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["deeplabv3plus", "upernet", "fpn", "lraspp", "backbone_unet"]
@@ -87,6 +87,6 @@ def test_a_run_with_stochastic_depth_resumes_bitwise(tmp_path):
     for part in ("params", "buffers"):
         for k, v in a[part].items():
             assert torch.equal(b[part][k], v), (part, k)
-    timeless = lambda records: [{k: v for k, v in r.items() if k != "images_per_s"}  # noqa: E731
+    timeless = lambda records: [{k: v for k, v in r.items() if k not in tracking.TIMING_KEYS}  # noqa: E731
                                 for r in records]
     assert timeless(train_records(resumed)) == timeless(train_records(whole))

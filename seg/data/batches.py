@@ -49,9 +49,33 @@ def train_batches(dataset: SegDataset, transform: Transform | None, batch_size: 
     _check_ranks(rank, world_size)
     if batch_size % world_size:
         raise ValueError(f"batch_size={batch_size} is not divisible by world_size={world_size}")
-    sampler = _TrainSampler(n, batch_size, seed, start_step, rank, world_size)
+    sampler = _TrainSampler(n, batch_size, (seed,), start_step, rank, world_size)
     host = _loader(dataset, transform, sampler, _stack, device, workers, seed, persistent=True)
     return _on_device(host, device, prefetch, *_stats(dataset, mean, std))
+
+
+def member_batches(dataset: SegDataset, transform: Transform | None, batch_size: int,
+                   seeds: Sequence[int], start_step: int = 0, device="cpu", workers: int = 0,
+                   prefetch: int = 2, mean: Sequence[float] | None = None,
+                   std: Sequence[float] | None = None) -> Iterator[Batch]:
+    """The train batches of K runs at once, one per seed (train.num_seeds, seg/seeds.py):
+    images (K, B, 3, H, W) and masks (K, B, H, W), member k's being exactly
+    train_batches(..., seeds[k])'s: its own order and augmentation, so that it trains on what
+    a separate run of its seed trains on. One loader reads all K * B samples of a step."""
+    n = len(dataset)
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size={batch_size} must be in [1, {n}] (the split's size)")
+    if start_step < 0:
+        raise ValueError(f"start_step={start_step} must be >= 0")
+    k = len(seeds)
+    if k < 1:
+        raise ValueError("member_batches needs at least one seed")
+    sampler = _TrainSampler(n, batch_size, tuple(seeds), start_step, 0, 1)
+    host = _loader(dataset, transform, sampler, _stack, device, workers, seeds[0],
+                   persistent=True)
+    stacked = _on_device(host, device, prefetch, *_stats(dataset, mean, std))
+    return ((images.view(k, batch_size, *images.shape[1:]),
+             masks.view(k, batch_size, *masks.shape[1:])) for images, masks in stacked)
 
 
 def eval_batches(dataset: SegDataset, transform: Transform | None, batch_size: int,
@@ -107,24 +131,26 @@ def sample_seed(seed: int, step: int, position: int) -> int:
 
 
 class _TrainSampler:
-    """Yields, per step, this rank's [(dataset index, sample seed), ...]."""
+    """Yields, per step, this rank's [(dataset index, sample seed), ...]; with several seeds,
+    each seed's keys in turn (the batches of runs that differ only in their seed)."""
 
-    def __init__(self, n, batch_size, seed, start_step, rank, world_size):
-        self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
+    def __init__(self, n, batch_size, seeds, start_step, rank, world_size):
+        self.n, self.batch_size, self.seeds, self.start_step = n, batch_size, seeds, start_step
         self.local = batch_size // world_size
         self.first = rank * self.local
 
     def __iter__(self):
         steps_per_epoch = self.n // self.batch_size
-        epoch, order = -1, None
+        epoch, orders = -1, None
         for step in itertools.count(self.start_step):
             e, i = divmod(step, steps_per_epoch)
             if e != epoch:
                 epoch = e
-                order = torch.randperm(self.n, generator=seeded_generator("epoch", self.seed, e))
+                orders = [torch.randperm(self.n, generator=seeded_generator("epoch", seed, e))
+                          for seed in self.seeds]
             positions = range(self.first, self.first + self.local)
-            yield [(int(order[i * self.batch_size + j]), sample_seed(self.seed, step, j))
-                   for j in positions]
+            yield [(int(order[i * self.batch_size + j]), sample_seed(seed, step, j))
+                   for seed, order in zip(self.seeds, orders) for j in positions]
 
 
 class _Transformed(Dataset):
