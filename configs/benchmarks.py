@@ -115,6 +115,17 @@ def gpu_check(tiny: bool = False, camvid_root: str | None = None) -> ml_collecti
     b.rounds, b.steps, b.warmup = (2, 1, 2) if tiny else (5, 3, 2)
     b.model_budget_s = 0.0 if tiny else 60.0   # a model is skipped when less time is left
     b.matmul_size = 256 if tiny else 8192      # the bf16 matmul that measures the peak
+    # train.num_seeds: one vmapped step of K members against K steps in turn (seg/seeds_bench.py)
+    v = b.vmap_seeds = ml_collections.ConfigDict()
+    v.models, v.labels = ml_collections.ConfigDict(), ml_collections.ConfigDict()
+    for name in ("unet",) if tiny else ("unet", "pspnet"):
+        v.labels[name], v.models[name] = vmap_model(name, precision="bf16", channels_last=True)
+        if tiny:
+            v.models[name].model.update(base_channels=4, depth=2)
+    v.num_seeds = (2,) if tiny else (2, 4, 8)
+    v.batch_size, v.crop = (2, (32, 32)) if tiny else (8, (176, 240))   # per member
+    v.rounds = 2 if tiny else 5
+    v.model_budget_s = 0.0 if tiny else 30.0
 
     d = p.loader = ml_collections.ConfigDict()
     loader_cfg = camvid(camvid_root)

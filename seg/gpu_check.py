@@ -7,7 +7,8 @@ fails is recorded with its error and the others still run.
                not recompile; no step waits for the host (torch.cuda.set_sync_debug_mode)
   benchmark    imperative fp32, our eager step and the fast path (compile + bf16 +
                channels_last) per model: step time, images/s, peak memory, TFLOP/s and MFU
-               against a bf16 matrix product timed in the same run
+               against a bf16 matrix product timed in the same run; then train.num_seeds=K's
+               vmapped step against K steps in turn, on small models (seg/seeds_bench.py)
   loader       images/s of the real input pipeline per number of workers, against the pixel
                rate of the fast steps: is the GPU fed?
   training     a real run (seg.loop) with the fast path for the time left: its val mIoU,
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from seg import bench, parity, rundir, runtime
+from seg import bench, parity, rundir, runtime, seeds_bench
 from seg.data import roots
 from seg.distributed import WorldInfo
 from seg.errors import ConfigError
@@ -196,9 +197,36 @@ def benchmark(ctx: Context) -> dict:
         if cuda:
             torch.cuda.empty_cache()
         ctx.save()
+    result["vmap_seeds"] = _vmap_seeds(ctx, result)
     if result["errors"] or result["skipped"]:
         result["status"] = "partial"
     return result
+
+
+def _vmap_seeds(ctx: Context, result: dict) -> list[dict]:
+    """seeds_bench's rows for each model of the plan's vmap_seeds, at the fast path's
+    precision (fp32 where that is fp16: a vmapped step refuses loss scaling)."""
+    v, rows = ctx.plan.benchmark.vmap_seeds, []
+    for name, cfg in v.models.items():
+        left = ctx.left() - ctx.reserve_after("benchmark")
+        if left < v.model_budget_s:
+            result["skipped"][f"vmap {name}"] = f"time budget ({left:.0f} s left)"
+            continue
+        cfg = copy.deepcopy(cfg)
+        if ctx.precision != "bf16":
+            cfg.train.precision = "fp32"
+        try:
+            found = seeds_bench.benchmark(cfg, tuple(v.num_seeds), batch_size=v.batch_size,
+                                          crop=tuple(v.crop), device=ctx.device,
+                                          rounds=v.rounds)
+            rows += [{**r, "label": v.labels[name]} for r in found]
+        except Exception as e:  # noqa: BLE001 - recorded like a benchmark model's failure
+            result["errors"][f"vmap {name}"] = failure(e)["error"]
+        gc.collect()
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+        ctx.save()
+    return rows
 
 
 # ---------------------------------------------------------------- loader
@@ -378,6 +406,9 @@ def _md_benchmark(s: dict) -> list[str]:
     rows += [bench.table_rows(r, mfu=True) for r in s["models"]]
     rows += [f"| {name} | skipped: {why} |" for name, why in s["skipped"].items()]
     rows += [f"| {name} | error: {why} |" for name, why in s["errors"].items()]
+    if s.get("vmap_seeds"):
+        rows += ["", "train.num_seeds: one vmapped step of K members against K steps in turn",
+                 "", seeds_bench.markdown(s["vmap_seeds"], lambda r: r["label"])]
     return rows
 
 

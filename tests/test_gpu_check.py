@@ -36,6 +36,7 @@ def test_tiny_run_writes_every_section(tiny_run):
     md = (out / "gpu_check.md").read_text()
     for name in gpu_check.SECTIONS:
         assert f"## {name}: " in md and f"## {name}: " in proc.stdout
+    assert "| UNet, base 16 | 2 | 2 |" in md   # the train.num_seeds table
 
 
 def test_tiny_correctness_section_checks_what_it_says(tiny_run):
@@ -64,6 +65,10 @@ def test_tiny_benchmark_loader_and_training_sections_hold_numbers(tiny_run):
     assert set(unet["modes"]) == {"imperative", "eager", "fast"}
     for m in unet["modes"].values():
         assert m["images_per_s"] > 0 and 0 < m["mfu"] and m["tflops"] > 0
+    (vmapped,) = b["vmap_seeds"]   # train.num_seeds=2 against two steps in turn
+    assert (vmapped["label"], vmapped["num_seeds"], vmapped["precision"]) == ("UNet, base 16",
+                                                                              2, "bf16")
+    assert vmapped["vmap_s"] > 0 and vmapped["sequential_s"] > 0 and vmapped["speedup"] > 0
     loader = report["loader"]
     assert [r["workers"] for r in loader["rows"]] == [0, 1]
     assert all(r["images_per_s"] > 0 for r in loader["rows"])
