@@ -15,6 +15,9 @@ experiments/ablate.py (every variant with every seed, seg/sweep.py) and compared
   unet       UNet on a binary task (Ronneberger et al. 2015): bilinear against transposed-conv
              upsampling, crossed with BCE against BCE + (1 - soft IoU). Without a preset the
              embedded data runs with two classes; a preset must give a binary dataset.
+  recipe     the from-scratch CamVid recipe (--preset=camvid or camvid_cpu) against itself
+             with one choice undone at a time: no median-frequency class balancing, no random
+             rescaling, a 5x smaller peak learning rate (--model, default pspnet).
   backbones  one head (--model, default upernet) on encoders of every family: ResNet-18,
              MobileNetV3-Large, EfficientNet-B0, RegNetY-400MF, ConvNeXt-T, Swin-T (the grid of
              segmentation_models.pytorch). ConvNeXt and Swin cannot dilate: with a head that
@@ -82,6 +85,24 @@ def unet(preset: str | None = None) -> dict:
     return configs
 
 
+RECIPE_CHANGES = {
+    "recipe": {},
+    "no_balance": {"loss.class_balance": ""},
+    "no_rescale": {"data.scale_range": (1.0, 1.0)},
+    "lr_div5": {"optimizer.lr": None},   # the config's peak lr / 5
+}
+
+
+def recipe(preset: str | None = None, model: str = "pspnet") -> dict:
+    get_config = _config_module(model).get_config
+    configs = {}
+    for name, changes in RECIPE_CHANGES.items():
+        configs[name] = c = get_config(preset)
+        for key, value in changes.items():
+            set_field(c, key, c.optimizer.lr / 5 if key == "optimizer.lr" else value)
+    return configs
+
+
 ENCODERS = ("resnet18", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf",
             "convnext_tiny", "swin_t")
 
@@ -103,15 +124,24 @@ def backbones(preset: str | None = None, model: str = "upernet") -> dict:
 
 
 STUDIES = {"loss": loss, "fcn_skips": fcn_skips, "pspnet": pspnet, "unet": unet,
-           "backbones": backbones}
-TAKE_MODEL = ("loss", "backbones")  # the studies that --model picks the base config of
+           "backbones": backbones, "recipe": recipe}
+TAKE_MODEL = ("loss", "backbones", "recipe")  # the studies that --model picks the base config of
 
 
-def variants(study: str, preset: str | None = None, model: str | None = None) -> dict:
-    """The variants of `study`; `model` picks the base config of the studies that take one."""
+def variants(study: str, preset: str | None = None, model: str | None = None,
+             only: list[str] | None = None) -> dict:
+    """The variants of `study`; `model` picks the base config of the studies that take one;
+    `only` keeps the variants it names, in the study's order."""
     if study not in STUDIES:
         raise ConfigError(f"--study={study!r} is not one of {', '.join(STUDIES)}")
     if model is not None and study not in TAKE_MODEL:
         raise ConfigError(f"--model applies to --study={' and '.join(TAKE_MODEL)} only; "
                           f"{study!r} fixes its model")
-    return STUDIES[study](preset) if model is None else STUDIES[study](preset, model=model)
+    configs = STUDIES[study](preset) if model is None else STUDIES[study](preset, model=model)
+    if only:
+        unknown = [name for name in only if name not in configs]
+        if unknown:
+            raise ConfigError(f"--variants: {', '.join(map(repr, unknown))} not in --study="
+                              f"{study!r} ({', '.join(configs)})")
+        configs = {name: c for name, c in configs.items() if name in only}
+    return configs

@@ -9,6 +9,8 @@ run directory each, then the mean and standard deviation over the seeds per vari
   python experiments/ablate.py --study=unet --preset=membrane --root=runs/ablate_unet
   python experiments/ablate.py --study=loss --model=unet --root=runs/ablate_loss \
       --seeds=0,1,2 --vmap
+  python experiments/ablate.py --study=pspnet --preset=camvid_cpu --root=runs/psp_camvid \
+      --variants=baseline,bins_1,aux_0 --steps=300
 
 Writes <root>/<variant>/seed<k>/ and <root>/summary.json, and prints the summary as a markdown
 table: mean and standard deviation over the seeds, and each variant's val mIoU difference from
@@ -32,6 +34,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (config.seed) each varian
 _ROOT = flags.DEFINE_string("root", None, "Sweep directory (<root>/<variant>/seed<k>).")
 _BASELINE = flags.DEFINE_string("baseline", None, "The variant the others are compared with "
                                 "(default: the study's first).")
+_VARIANTS = flags.DEFINE_list("variants", None, "Run only these variants of the study "
+                              "(default: all); --baseline must be one of them.")
 _VMAP = flags.DEFINE_bool("vmap", False, "Train all seeds of a variant at once, as one run of "
                           "train.num_seeds (seg/seeds.py); the seeds must be consecutive.")
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "key=value set in every run's config, "
@@ -42,7 +46,8 @@ flags.mark_flags_as_required(["study", "root"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    print(sweep.sweep_and_report(ablations.variants(_STUDY.value, _PRESET.value, _MODEL.value),
+    configs = ablations.variants(_STUDY.value, _PRESET.value, _MODEL.value, _VARIANTS.value)
+    print(sweep.sweep_and_report(configs,
                                  _ROOT.value, _SEEDS.value, _STEPS.value, _OVERRIDE.value,
                                  _BASELINE.value, vmap=_VMAP.value))
 

@@ -123,3 +123,23 @@ def test_backbones_study_varies_the_encoder_of_any_head():
         ablations.variants("backbones", model="unet")
     with pytest.raises(errors.ConfigError, match="--model applies to"):
         ablations.variants("pspnet", model="upernet")
+
+
+def test_recipe_study_undoes_one_choice_of_the_camvid_recipe_at_a_time():
+    configs = ablations.variants("recipe", "camvid_cpu")
+    assert list(configs) == ["recipe", "no_balance", "no_rescale", "lr_div5"]
+    base = configs["recipe"]
+    assert (base.model.name, base.loss.class_balance) == ("pspnet", "median_frequency")
+    assert base.data.scale_range == (0.5, 2.0) and base.optimizer.lr == 0.05
+    assert configs["no_balance"].loss.class_balance == ""
+    assert configs["no_rescale"].data.scale_range == (1.0, 1.0)
+    assert configs["lr_div5"].optimizer.lr == pytest.approx(0.01)
+    assert sweep.swept_fields(configs) == {"loss.class_balance", "data.scale_range",
+                                           "optimizer.lr"}
+
+
+def test_variants_keeps_the_named_ones_in_the_study_order():
+    assert list(ablations.variants("pspnet", only=["aux_0", "baseline"])) == ["baseline", "aux_0"]
+    with pytest.raises(errors.ConfigError, match=r"--variants: 'bins_3' not in --study='pspnet' "
+                                                 r"\(baseline, bins_1, "):
+        ablations.variants("pspnet", only=["baseline", "bins_3"])

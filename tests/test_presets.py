@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py")
                        if p.stem not in ("__init__", "common", "presets", "ablations",
                                          "benchmarks"))
-FOLDERS = {"camvid": "camvid", "membrane": "membrane", "bagdata": "bagdata", "voc": "VOCdevkit",
+FOLDERS = {"camvid": "camvid", "camvid_cpu": "camvid", "membrane": "membrane", "bagdata": "bagdata", "voc": "VOCdevkit",
            "pets": "oxford-iiit-pet", "cityscapes": "cityscapes",
            "ade20k": "ADEChallengeData2016"}
 
@@ -66,7 +66,8 @@ def test_a_missing_dataset_names_the_field_and_the_variable(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("module", MODEL_CONFIGS)
 @pytest.mark.parametrize("name, reader, num_classes, test_split", [
-    ("camvid", "camvid", 11, "test"), ("membrane", "folder", 2, "test"),
+    ("camvid", "camvid", 11, "test"), ("camvid_cpu", "camvid", 11, "test"),
+    ("membrane", "folder", 2, "test"),
     ("bagdata", "folder", 2, "test"), ("voc", "voc", 21, ""), ("pets", "pets", 3, "test"),
     ("cityscapes", "cityscapes", 19, ""), ("ade20k", "ade20k", 150, ""),
 ])
@@ -124,7 +125,7 @@ def test_recipe_presets_are_the_reference_configs(name):
 
 
 def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown dataset preset 'mapillary'.*valid: camvid, "
+    with pytest.raises(ValueError, match="unknown dataset preset 'mapillary'.*valid: camvid, camvid_cpu, "
                                          "membrane, bagdata, voc, pets, cityscapes, ade20k"):
         preset("mapillary")
 
