@@ -98,7 +98,8 @@ def _mmseg_recipe(c, box, crop, batch_size, steps, eval_every, eval_batch_size, 
            eval_every=eval_every, log_every=50, sync_bn=True)
 
 
-PRESETS = {"camvid": _camvid, "camvid_cpu": _camvid_cpu, "membrane": _membrane, "bagdata": _bagdata, "voc": _voc,
+PRESETS = {"camvid": _camvid, "camvid_cpu": _camvid_cpu, "membrane": _membrane,
+           "bagdata": _bagdata, "voc": _voc,
            "pets": _pets, "cityscapes": _cityscapes, "ade20k": _ade20k}
 RECIPES = ("cityscapes", "ade20k", "voc")   # presets that also set the training recipe
 

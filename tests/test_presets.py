@@ -125,8 +125,9 @@ def test_recipe_presets_are_the_reference_configs(name):
 
 
 def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown dataset preset 'mapillary'.*valid: camvid, camvid_cpu, "
-                                         "membrane, bagdata, voc, pets, cityscapes, ade20k"):
+    with pytest.raises(ValueError, match="unknown dataset preset 'mapillary'.*valid: camvid, "
+                                         "camvid_cpu, membrane, bagdata, voc, pets, "
+                                         "cityscapes, ade20k"):
         preset("mapillary")
 
 
