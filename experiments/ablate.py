@@ -25,8 +25,8 @@ from configs import ablations
 from seg import cli, sweep
 
 _STUDY = flags.DEFINE_enum("study", None, list(ablations.STUDIES), "The study to run.")
-_MODEL = flags.DEFINE_string("model", None, "--study=loss / backbones: the base config, "
-                             "configs/<model>.py (default pspnet / upernet).")
+_MODEL = flags.DEFINE_string("model", None, "--study=loss / backbones / recipe: the base "
+                             "config, configs/<model>.py (default pspnet / upernet / pspnet).")
 _PRESET = flags.DEFINE_string("preset", None, "Dataset preset of every config (camvid, "
                               "membrane, ...); default: the embedded data.")
 _STEPS = flags.DEFINE_integer("steps", None, "Train steps of every run (default: the config's).")
