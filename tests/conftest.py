@@ -53,6 +53,31 @@ def shared_synthetic_data():
         yield
 
 
+def tiny_unet(**fields):
+    """The tests' short UNet run on the generated data (32x32, 8 / 6 / 4 images, 3 steps);
+    `fields` are dotted config keys with "__" for ".": tiny_unet(train__steps=4)."""
+    from configs import unet
+    from seg.config import set_field
+
+    c = unet.get_config()
+    c.model.base_channels, c.model.depth = 4, 2
+    c.data.image_size, c.data.num_train, c.data.num_val, c.data.num_test = 32, 8, 6, 4
+    c.train.steps, c.train.batch_size, c.train.eval_batch_size = 3, 4, 6
+    c.train.log_every, c.train.num_pictures = 3, 0
+    for key, value in fields.items():
+        set_field(c, key.replace("__", "."), value)
+    return c
+
+
+def trained_tiny_unet(tmp_path_factory, **fields) -> Path:
+    """The workdir of a finished tiny_unet(**fields) run."""
+    from seg import loop
+
+    workdir = tmp_path_factory.mktemp("run") / "unet"
+    loop.train_and_evaluate(tiny_unet(**fields), workdir)
+    return workdir
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """In-process training on one thread: two OpenMP threads on a busy 2-core machine spin

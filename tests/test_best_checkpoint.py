@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from configs import unet
+from conftest import tiny_unet
 from seg import evaluation, loop, rundir
 from seg.tracking import EvalHistory
 
@@ -34,14 +34,9 @@ def test_the_best_record_by_key_and_direction():
 
 
 def tiny_config(steps=4):
-    c = unet.get_config()
-    c.model.base_channels, c.model.depth = 4, 2
-    c.data.image_size, c.data.num_train, c.data.num_val, c.data.num_test = 32, 8, 6, 4
-    c.train.steps, c.train.batch_size, c.train.eval_batch_size = steps, 4, 6
-    c.train.log_every, c.train.num_pictures, c.train.eval_every = 2, 0, 2
-    c.train.checkpoint_every, c.train.deterministic = 2, True
-    c.train.best_metric = "pixel_acc"
-    return c
+    return tiny_unet(train__steps=steps, train__log_every=2, train__eval_every=2,
+                     train__checkpoint_every=2, train__deterministic=True,
+                     train__best_metric="pixel_acc")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision
 
-from configs import unet
+from conftest import tiny_unet, trained_tiny_unet
 from seg import data, errors, evaluation, loop, visualize
 from seg.data import batches
 
@@ -22,19 +22,13 @@ pytestmark = pytest.mark.usefixtures("shared_synthetic_data", "one_thread")
 
 
 def tiny_config():
-    c = unet.get_config()
-    c.model.base_channels, c.model.depth = 4, 2
-    c.data.image_size, c.data.num_train, c.data.num_val, c.data.num_test = 32, 8, 6, 4
-    c.train.steps, c.train.batch_size, c.train.eval_batch_size = 3, 4, 4
-    c.train.log_every, c.train.num_pictures = 1, 2
-    return c
+    return tiny_unet(train__eval_batch_size=4, train__log_every=1, train__num_pictures=2)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, shared_synthetic_data, one_thread):
-    workdir = tmp_path_factory.mktemp("run") / "unet"
-    loop.train_and_evaluate(tiny_config(), workdir)
-    return workdir
+    return trained_tiny_unet(tmp_path_factory, train__eval_batch_size=4, train__log_every=1,
+                             train__num_pictures=2)
 
 
 def summary(workdir):

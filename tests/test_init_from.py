@@ -7,7 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from configs import deeplabv3, fcn_resnet50, unet
+from configs import deeplabv3, fcn_resnet50
+from conftest import tiny_unet
 from seg import errors, experiment, functional, init_from, loop
 from seg.models import FCNResNet
 
@@ -15,13 +16,7 @@ pytestmark = pytest.mark.usefixtures("shared_synthetic_data", "one_thread")
 
 
 def tiny_config(num_classes=3, steps=3):
-    c = unet.get_config()
-    c.model.base_channels, c.model.depth = 4, 2
-    c.data.image_size, c.data.num_train, c.data.num_val, c.data.num_test = 32, 8, 6, 4
-    c.data.num_classes = num_classes
-    c.train.steps, c.train.batch_size, c.train.eval_batch_size = steps, 4, 6
-    c.train.log_every, c.train.num_pictures = steps, 0
-    return c
+    return tiny_unet(data__num_classes=num_classes, train__steps=steps, train__log_every=steps)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from configs import common, unet
-from seg import data, errors, experiment, functional, loop, metrics, predict, rundir
+from configs import common
+from conftest import tiny_unet, trained_tiny_unet
+from seg import data, errors, experiment, functional, metrics, predict, rundir
 from seg import visualize
 from seg.data import batches
 
@@ -24,20 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("shared_synthetic_data", "one_thread")
 
 
-def tiny_config():
-    c = unet.get_config()
-    c.model.base_channels, c.model.depth = 4, 2
-    c.data.image_size, c.data.num_train, c.data.num_val, c.data.num_test = 32, 8, 6, 4
-    c.train.steps, c.train.batch_size, c.train.eval_batch_size = 3, 4, 6
-    c.train.log_every, c.train.num_pictures = 3, 0
-    return c
+tiny_config = tiny_unet
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, shared_synthetic_data, one_thread):
-    workdir = tmp_path_factory.mktemp("run") / "unet"
-    loop.train_and_evaluate(tiny_config(), workdir)
-    return workdir
+    return trained_tiny_unet(tmp_path_factory)
 
 
 def test_the_run_directory_holds_what_inference_needs(run_dir):
