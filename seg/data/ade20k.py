@@ -9,7 +9,6 @@ training (20210) and validation (2000); the presets name them in data.train_spli
 """
 from __future__ import annotations
 
-import os
 
 from seg.data import files, folder, labels, roots
 from seg.data.files import PairedFiles
@@ -68,11 +67,7 @@ def open_ade20k(data_cfg, split_field: str) -> PairedFiles:
     root = roots.find_root(data_cfg, ["ADEChallengeData2016", ""], "annotations", _LAYOUT)
     split = files.split_value(data_cfg, split_field)
     files.check_num_classes(data_cfg, len(ADE20K_CLASSES), "ADE20K (reduce_zero_label)")
-    image_dir, mask_dir = (os.path.join(root, kind, split) for kind in ("images", "annotations"))
-    if not os.path.isdir(image_dir):
-        there = sorted(os.listdir(os.path.join(root, "images")))
-        raise roots.MissingSplit(f"{image_dir} not found: data.{split_field}={split!r} is not a "
-                                 f"split of {root} (splits there: {there})")
+    image_dir, mask_dir = roots.split_folders(root, split_field, split, "images", "annotations")
     # ImageNet statistics for "dataset" too, as mmsegmentation's ADE20K recipe normalises
     info = files.make_info("ade20k", ADE20K_CLASSES, data_cfg.ignore_index, data_cfg.normalize,
                            (files.IMAGENET_MEAN, files.IMAGENET_STD), ADE20K_PALETTE)

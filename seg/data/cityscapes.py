@@ -56,11 +56,7 @@ def open_cityscapes(data_cfg, split_field: str) -> PairedFiles:
     root = roots.find_root(data_cfg, [""], "leftImg8bit", _LAYOUT)
     split = files.split_value(data_cfg, split_field)
     files.check_num_classes(data_cfg, len(CITYSCAPES_CLASSES), "Cityscapes")
-    image_dir, label_dir = (os.path.join(root, kind, split) for kind in ("leftImg8bit", "gtFine"))
-    if not os.path.isdir(image_dir):
-        there = sorted(os.listdir(os.path.join(root, "leftImg8bit")))
-        raise roots.MissingSplit(f"{image_dir} not found: data.{split_field}={split!r} is not a "
-                                 f"split of {root} (splits there: {there})")
+    image_dir, label_dir = roots.split_folders(root, split_field, split, "leftImg8bit", "gtFine")
     # Cityscapes has no train statistics in common use: "dataset" means ImageNet's, as in
     # mmsegmentation's and torchvision's recipes
     info = files.make_info("cityscapes", CITYSCAPES_CLASSES, data_cfg.ignore_index,

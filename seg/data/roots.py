@@ -62,3 +62,15 @@ def describe(data_cfg, root: str) -> str:
     if data_cfg.get("root"):
         return f"data.root={root!r}"
     return f"{root!r} (${ENV}/<data.dirname={data_cfg.dirname!r}>; data.root unset)"
+
+
+def split_folders(root: str, split_field: str, split: str, images: str, masks: str
+                  ) -> tuple[str, str]:
+    """(<root>/<images>/<split>, <root>/<masks>/<split>) of a dataset laid out by kind, then
+    split (Cityscapes, ADE20K); a split that is not there names the splits that are."""
+    image_dir, mask_dir = (os.path.join(root, kind, split) for kind in (images, masks))
+    if not os.path.isdir(image_dir):
+        there = sorted(os.listdir(os.path.join(root, images)))
+        raise MissingSplit(f"{image_dir} not found: data.{split_field}={split!r} is not a "
+                           f"split of {root} (splits there: {there})")
+    return image_dir, mask_dir

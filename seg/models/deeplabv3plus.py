@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from seg.models import backbones
 from seg.models.deeplabv3 import ASPP, paper_rates
-from seg.models.heads import (AUX_CHANNELS, AUX_LEVEL, FCNHead, PyramidSegmenter, check_head_args,
-                              conv_bn_relu, init_head_, separable_conv_bn_relu)
+from seg.models.heads import (AUX_LEVEL, PyramidSegmenter, check_head_args, conv_bn_relu,
+                              init_heads_, pyramid_aux_head, separable_conv_bn_relu)
 
 
 class DeepLabV3PlusHead(nn.Module):
@@ -61,11 +61,8 @@ class DeepLabV3Plus(PyramidSegmenter):
         classifier = DeepLabV3PlusHead(widths["c5"], widths["c2"], num_outputs,
                                        paper_rates(rates, output_stride), channels,
                                        separable=separable, dropout=dropout)
-        aux_classifier = (FCNHead(widths[AUX_LEVEL], num_outputs, 0.1, channel_dropout=True,
-                                  channels=AUX_CHANNELS) if aux else None)
-        init_head_(classifier, classifier.logits)
-        if aux_classifier is not None:
-            init_head_(aux_classifier, aux_classifier[-1])
+        aux_classifier = pyramid_aux_head(widths, num_outputs, aux)
+        init_heads_(classifier, aux_classifier)
         super().__init__(net, classifier, aux_classifier,
                          backbones.output_norms(backbone, levels))
 

@@ -117,3 +117,16 @@ class PyramidSegmenter(Segmenter):
         if self.aux_classifier is not None:
             out["aux"] = self.aux_classifier(features[AUX_LEVEL])
         return out
+
+
+def pyramid_aux_head(widths: dict[str, int], num_outputs: int, aux: bool) -> FCNHead | None:
+    """The auxiliary FCN head on AUX_LEVEL, or None without one."""
+    return (FCNHead(widths[AUX_LEVEL], num_outputs, 0.1, channel_dropout=True,
+                    channels=AUX_CHANNELS) if aux else None)
+
+
+def init_heads_(classifier: nn.Module, aux_classifier: nn.Module | None) -> None:
+    """init_head_ for a classifier with a `logits` conv and an optional FCNHead."""
+    init_head_(classifier, classifier.logits)
+    if aux_classifier is not None:
+        init_head_(aux_classifier, aux_classifier[-1])

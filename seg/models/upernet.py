@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seg.models import backbones
-from seg.models.heads import (AUX_CHANNELS, AUX_LEVEL, FCNHead, PyramidSegmenter, check_head_args,
-                              conv_bn_relu, init_head_)
+from seg.models.heads import (PyramidSegmenter, check_head_args, conv_bn_relu, init_heads_,
+                              pyramid_aux_head)
 from seg.models.pspnet import PyramidPooling
 
 LEVELS = ("c2", "c3", "c4", "c5")
@@ -72,10 +72,7 @@ class UPerNet(PyramidSegmenter):
         widths = backbones.channels(backbone)
         classifier = UPerHead([widths[level] for level in LEVELS], num_outputs, channels,
                               tuple(bins), dropout)
-        aux_classifier = (FCNHead(widths[AUX_LEVEL], num_outputs, 0.1, channel_dropout=True,
-                                  channels=AUX_CHANNELS) if aux else None)
-        init_head_(classifier, classifier.logits)
-        if aux_classifier is not None:
-            init_head_(aux_classifier, aux_classifier[-1])
+        aux_classifier = pyramid_aux_head(widths, num_outputs, aux)
+        init_heads_(classifier, aux_classifier)
         super().__init__(net, classifier, aux_classifier,
                          backbones.output_norms(backbone, levels))
