@@ -85,21 +85,13 @@ def unet(preset: str | None = None) -> dict:
     return configs
 
 
-RECIPE_CHANGES = {
-    "recipe": {},
-    "no_balance": {"loss.class_balance": ""},
-    "no_rescale": {"data.scale_range": (1.0, 1.0)},
-    "lr_div5": {"optimizer.lr": None},   # the config's peak lr / 5
-}
-
-
 def recipe(preset: str | None = None, model: str = "pspnet") -> dict:
     get_config = _config_module(model).get_config
-    configs = {}
-    for name, changes in RECIPE_CHANGES.items():
-        configs[name] = c = get_config(preset)
-        for key, value in changes.items():
-            set_field(c, key, c.optimizer.lr / 5 if key == "optimizer.lr" else value)
+    configs = {name: get_config(preset)
+               for name in ("recipe", "no_balance", "no_rescale", "lr_div5")}
+    configs["no_balance"].loss.class_balance = ""
+    configs["no_rescale"].data.scale_range = (1.0, 1.0)
+    configs["lr_div5"].optimizer.lr /= 5          # the config's peak lr / 5
     return configs
 
 

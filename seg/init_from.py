@@ -120,7 +120,8 @@ def _from_torchvision(name: str, weight: str) -> Source:
         raise ValueError(f"model.init_from={name}:{weight}: {name} has the weights "
                          f"{list(enum.__members__)}")
     url = enum[weight].url
-    # where torch.hub.load_state_dict_from_url (which torchvision calls) keeps the file
+    # read only from the torch hub cache, the folder torchvision's weights are kept in;
+    # a missing file is an error, never fetched
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     if not path.is_file():
         raise FileNotFoundError(
